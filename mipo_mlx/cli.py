@@ -1,0 +1,75 @@
+"""The `mipo-mlx` command: one entry point, one subcommand per stage.
+
+    mipo-mlx train recipes/quickstart.yaml          # sample, DPO, compare in one run dir
+    mipo-mlx sample recipes/quickstart.yaml         # the pair sampling stage alone
+    mipo-mlx info smollm2-135m                      # what a model is and what it needs
+    mipo-mlx convert smollm2-135m out/smollm2       # an mlx-lm model directory
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`;
+only the module of the command being run is imported, so `--help` is instant.
+A UserError becomes one line on stderr and exit status 2.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mipo_mlx.errors import EXIT_USER_ERROR, UserError
+
+COMMANDS = {
+    "train": ("mipo_mlx.pipeline", "Run a recipe: sample pairs, train the LoRA adapter with DPO, compare before and after."),
+    "sample": ("mipo_mlx.pipeline", "Run only the MIPO pair sampling stage of a recipe."),
+    "compare": ("mipo_mlx.compare", "Answer held-out prompts before and after training and report the metrics."),
+    "eval": ("mipo_mlx.evaluate", "Evaluate any model, with or without an adapter, on a prompt file."),
+    "export": ("mipo_mlx.export", "Export a run's adapter (mlx, peft, fused, gguf) and push it to the Hub."),
+    "convert": ("mipo_mlx.convert", "Write an mlx-lm model directory from a GGUF file, a Hub id or the embedded model."),
+    "info": ("mipo_mlx.info", "Describe a model: architecture, size, quantization, chat template, memory needs."),
+    "tui": ("mipo_mlx_tui.app", "Open the terminal UI on a run directory or a recipe."),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="mipo-mlx", description="MIPO preference optimization for small models, in MLX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug messages.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    subparsers.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="mipo-mlx: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args) or 0
+    except UserError as error:
+        sys.stderr.write(f"mipo-mlx: error: {error}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("mipo-mlx: interrupted; what was written is kept, run the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

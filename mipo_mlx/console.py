@@ -1,0 +1,79 @@
+"""Console view of a run: an event-log observer that draws a progress bar and report lines.
+
+    log = EventLog(path, observers=[ConsoleObserver()])
+
+It reads only the event records (see events.py), like every other observer.
+"""
+
+import sys
+import time
+
+BAR_WIDTH = 24
+REPORTED_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "learning_rate", "tokens_per_second")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_metrics(record: dict) -> str:
+    shown = [f"{name} {record[name]:.4g}" for name in REPORTED_METRICS if isinstance(record.get(name), (int, float))]
+    split = "" if record.get("split", "train") == "train" else f"[{record['split']}] "
+    return f"{split}step {record.get('step', '?')}  " + "  ".join(shown)
+
+
+def progress_line(record: dict) -> str:
+    done, total = record["done"], record.get("total") or 0
+    filled = int(BAR_WIDTH * done / total) if total else 0
+    bar = "█" * filled + "░" * (BAR_WIDTH - filled)
+    parts = [f"{record['stage']:>9} {bar} {done}/{total} {record.get('unit', '')}"]
+    if record.get("rate"):
+        parts.append(f"{record['rate']:.2f} {record.get('unit', '')}/s")
+    if record.get("tokens_per_second"):
+        parts.append(f"{record['tokens_per_second']:.0f} tok/s")
+    parts.append(f"ETA {format_duration(record.get('eta_seconds'))}")
+    return "  ".join(parts)
+
+
+class ConsoleObserver:
+    """Prints events to a stream: a live bar on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self._bar_shown = False
+        self._last_line_at = 0.0
+
+    def _print(self, text: str) -> None:
+        if self._bar_shown:
+            self.stream.write("\r\033[K")
+            self._bar_shown = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, record: dict) -> None:
+        event = record["event"]
+        if event == "progress":
+            line = progress_line(record)
+            if self.live:
+                self.stream.write("\r\033[K" + line)
+                self.stream.flush()
+                self._bar_shown = True
+            elif time.monotonic() - self._last_line_at >= 10 or record["done"] == record.get("total"):
+                self._last_line_at = time.monotonic()
+                self._print(line)
+        elif event == "metrics":
+            self._print(format_metrics(record))
+        elif event == "stage_started":
+            self._print(f"== {record['stage']}: {record.get('total', '?')} {record.get('unit', '')}")
+        elif event == "stage_finished":
+            self._print(f"== {record['stage']} done in {format_duration(record.get('seconds'))}")
+        elif event == "checkpoint_saved":
+            self._print(f"checkpoint at step {record['step']}: {record['path']}")
+        elif event == "run_finished":
+            self._print(f"run {record['status']} in {format_duration(record.get('seconds'))}")
+        elif event == "run_failed":
+            self._print(f"run failed in stage {record.get('stage')}: {record['error']}")

@@ -1,0 +1,382 @@
+"""Recipes: the typed YAML that drives every stage of a run.
+
+A recipe is checked against the dataclasses below before anything runs. Each mistake is
+one line naming the file, the key and what is expected:
+
+    recipes/my.yaml: training.bta: unknown key; did you mean 'beta'?
+
+    from mipo_mlx.recipe import load_recipe
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["training.beta=0.2"])
+
+Relative paths in a recipe are taken from the directory `mipo-mlx` runs in.
+"""
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from mipo_mlx.errors import UserError
+
+BUNDLED_PREFIX = "bundled:"
+DEFAULT_LORA_KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def _field(default, help: str, **checks):
+    """A recipe field with its help text and value checks (min, max, greater_than, less_than)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _field(
+        "smollm2-135m",
+        "The model: the embedded short name 'smollm2-135m', a Hub id "
+        "(mlx-community/Qwen2.5-1.5B-Instruct-4bit), an mlx-lm model directory or a .gguf file.",
+    )
+    revision: Optional[str] = _field(None, "Hub revision (branch, tag or commit) for a Hub id.")
+    compute: Literal["auto", "quantized", "float32", "float16", "bfloat16"] = _field(
+        "auto",
+        "Weights in compute: 'auto' keeps quantized weights on Metal and CUDA and "
+        "dequantizes to float32 on the CPU backend (much faster there).",
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = _field(
+        "bundled:personalization/train",
+        "Prompts to sample pairs for: a JSONL file or a bundled set 'bundled:NAME'.",
+    )
+    test: Optional[str] = _field(
+        "bundled:personalization/test",
+        "Held-out prompts for before/after comparison: a JSONL file, a bundled set or null.",
+    )
+    format: Literal["auto", "messages", "prompt", "prism", "gsm8k", "arc"] = _field(
+        "auto", "Record layout of the JSONL files; 'auto' detects chat messages or prompt/context."
+    )
+    on_bad_line: Literal["error", "skip"] = _field(
+        "error", "A malformed JSONL line stops the run ('error') or is skipped and counted ('skip')."
+    )
+    max_prompts: Optional[int] = _field(None, "Use at most this many training prompts.", min=1)
+
+
+@dataclass
+class SamplingConfig:
+    negative: Literal["random_prompt", "drop_context", "swap_context"] = _field(
+        "drop_context",
+        "Where the rejected answer comes from: another prompt of the set, the same prompt "
+        "without the user's context, or the same prompt with another user's context.",
+    )
+    negatives_per_prompt: int = _field(1, "Negatives (and so pairs) per prompt.", min=1)
+    temperature: float = _field(0.1, "Sampling temperature (0 is greedy).", min=0.0)
+    top_p: float = _field(0.9, "Nucleus sampling mass.", greater_than=0.0, max=1.0)
+    max_tokens: int = _field(512, "Longest answer, in tokens.", min=1)
+    batch_size: int = _field(16, "Answers generated together.", min=1)
+    drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
+    drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
+    drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _field(8, "LoRA rank r.", min=1)
+    scale: float = _field(
+        20.0,
+        "mlx-lm's LoRA scale: it multiplies the update directly (PEFT's lora_alpha = scale x rank).",
+        greater_than=0.0,
+    )
+    dropout: float = _field(0.0, "Dropout on the LoRA input.", min=0.0, less_than=1.0)
+    num_layers: int = _field(-1, "How many of the last layers get LoRA; -1 means all.", min=-1)
+    keys: list[str] = _field(DEFAULT_LORA_KEYS, "Module paths inside each layer that get LoRA.")
+
+    def __post_init__(self):
+        if self.num_layers == 0:
+            raise UserError("must be -1 (all layers) or a positive count, not 0", key="lora.num_layers")
+
+
+@dataclass
+class TrainingConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = _field(
+        "sigmoid", "DPO loss: sigmoid (the paper's), ipo, hinge or robust (conservative smoothing)."
+    )
+    beta: float = _field(0.1, "DPO beta: strength of the pull towards the reference.", greater_than=0.0)
+    label_smoothing: float = _field(
+        0.0, "Label smoothing for the robust and sigmoid losses.", min=0.0, less_than=0.5
+    )
+    nll_weight: float = _field(0.0, "Weight of an NLL term on the chosen answer (0 turns it off).", min=0.0)
+    learning_rate: float = _field(2e-5, "Peak learning rate of AdamW.", greater_than=0.0)
+    warmup_ratio: float = _field(0.03, "Share of steps spent warming up.", min=0.0, less_than=1.0)
+    epochs: int = _field(1, "Passes over the training pairs.", min=1)
+    max_steps: Optional[int] = _field(None, "Stop after this many optimizer steps.", min=1)
+    batch_size: int = _field(4, "Pairs per micro-batch.", min=1)
+    grad_accumulation: int = _field(1, "Micro-batches per optimizer step.", min=1)
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm.", greater_than=0.0)
+    adam_betas: list[float] = _field([0.9, 0.95], "AdamW betas.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.", min=0.0)
+    grad_checkpoint: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    max_seq_length: int = _field(1024, "Longest prompt plus answer, in tokens.", min=8)
+    eval_fraction: float = _field(0.1, "Share of pairs held out for evaluation.", min=0.0, less_than=1.0)
+    report_every: int = _field(1, "Steps between metric reports.", min=1)
+    eval_every: int = _field(10, "Steps between held-out evaluations.", min=1)
+    save_every: int = _field(20, "Steps between checkpoints.", min=1)
+
+    def __post_init__(self):
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise UserError(
+                f"expected two numbers in [0, 1), such as [0.9, 0.95], got {self.adam_betas}",
+                key="training.adam_betas",
+            )
+
+
+@dataclass
+class EvalConfig:
+    max_prompts: int = _field(40, "Held-out prompts to answer before and after training.", min=1)
+    temperature: float = _field(0.1, "Sampling temperature for before/after answers.", min=0.0)
+    top_p: float = _field(0.9, "Nucleus sampling mass for before/after answers.", greater_than=0.0, max=1.0)
+    max_tokens: int = _field(256, "Longest before/after answer, in tokens.", min=1)
+    judge: Optional[str] = _field(None, "Judge model for 1-5 preference scores (any model the loader takes); null skips it.")
+    bootstrap_samples: int = _field(1000, "Bootstrap resamples for the 95% intervals.", min=100)
+
+
+@dataclass
+class ExportConfig:
+    formats: list[Literal["mlx", "peft", "fused", "gguf"]] = _field(
+        ["mlx", "peft"], "Formats to export: mlx, peft, fused, gguf."
+    )
+    repo_id: Optional[str] = _field(None, "Hub repository to push to (user/name); null keeps it local.")
+    private: bool = _field(True, "Create the Hub repository as private.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "What to load."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts in and held out."})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "MIPO pair sampling."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The DPO step."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Before/after comparison."})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Where the adapter goes."})
+    output_dir: str = _field("runs", "Folder that holds run directories.")
+    run_name: Optional[str] = _field(None, "Run directory name inside output_dir; null uses the recipe file's name.")
+    seed: int = _field(0, "Seed for sampling, data order and LoRA initialization.", min=0)
+
+
+def _type_name(tp, plural: bool = False) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0], plural=True)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if plural:
+        names = {int: "integers", float: "numbers", str: "strings"}
+    return names.get(tp, str(tp))
+
+
+def _coerce(value, tp, where: str, file: str):
+    """Check one YAML value against a field type; return it in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner[0], where, file)
+    expected = f"expected {_type_name(tp)}, got {value!r}"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(expected + hint, file=file, key=where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(expected, file=file, key=where)
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML reads 2e-5 (no dot) as a string; accept numeric strings as numbers.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(expected, file=file, key=where) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, str):
+            raise UserError("expected a non-empty string", file=file, key=where)
+    raise UserError(expected, file=file, key=where)
+
+
+def _check_range(value, meta: dict, where: str, file: str):
+    if value is None:
+        return
+    bounds = [
+        ("min", lambda v, b: v >= b, "at least"),
+        ("max", lambda v, b: v <= b, "at most"),
+        ("greater_than", lambda v, b: v > b, "greater than"),
+        ("less_than", lambda v, b: v < b, "less than"),
+    ]
+    for name, ok, words in bounds:
+        if name in meta and not ok(value, meta[name]):
+            raise UserError(f"expected a value {words} {meta[name]}, got {value!r}", file=file, key=where)
+
+
+def _build(cls, raw, prefix: str, file: str):
+    """Build dataclass `cls` from the mapping `raw`, checking every key."""
+    if not isinstance(raw, dict):
+        what = "the recipe" if not prefix else prefix
+        raise UserError(f"expected a mapping of keys for {what}, got {raw!r}", file=file, key=prefix or None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(fields)
+            raise UserError(f"unknown key; {hint}", file=file, key=where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, where, file)
+        else:
+            kwargs[key] = _coerce(value, tp, where, file)
+            _check_range(kwargs[key], fields[key].metadata, where, file)
+    try:
+        return cls(**kwargs)
+    except UserError as error:
+        raise UserError(str(error), file=file) from None
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply one `--set section.key=value` to the raw mapping; the value is read as YAML."""
+    if "=" not in override:
+        raise UserError(f"expected KEY=VALUE such as training.beta=0.2, got {override!r}", key="--set")
+    dotted, _, text = override.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    *parents, leaf = dotted.strip().split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{part!r} is not a section", key=f"--set {dotted}")
+        node = child
+    node[leaf] = value
+
+
+def _check_paths(recipe: Recipe, file: str) -> None:
+    """Local files named by the recipe must exist; bundled names are checked by the data reader."""
+    for key, value in (("data.train", recipe.data.train), ("data.test", recipe.data.test)):
+        if value and not value.startswith(BUNDLED_PREFIX) and not Path(value).is_file():
+            raise UserError(
+                f"file not found: {value}; give a JSONL file or a bundled set such as "
+                "'bundled:personalization/train'",
+                file=file,
+                key=key,
+            )
+    model = recipe.model.path
+    looks_local = model.endswith(".gguf") or model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().exists():
+        raise UserError(
+            f"not found: {model}; give an existing model directory or .gguf file, a Hub id, "
+            "or 'smollm2-135m'",
+            file=file,
+            key="model.path",
+        )
+
+
+def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = ()) -> Recipe:
+    """Parse and check recipe YAML text, applying `section.key=value` overrides first."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(f"{line}YAML syntax error ({problem}); check indentation and quoting", file=file) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"expected a mapping of sections such as 'model:' and 'training:', got {type(raw).__name__}", file=file)
+    for override in overrides:
+        _apply_override(raw, override)
+    recipe = _build(Recipe, raw, "", file)
+    _check_paths(recipe, file)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and check a recipe file; any mistake is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found; give a YAML file such as recipes/quickstart.yaml", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the recipe ({error.__class__.__name__})", file=str(path)) from None
+    recipe = parse_recipe(text, str(path), overrides)
+    if recipe.run_name is None:
+        recipe.run_name = path.stem
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every key written out."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def recipe_reference() -> str:
+    """Markdown reference of every recipe key: type, default and meaning (for the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {f.metadata['help']} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
