@@ -1,0 +1,112 @@
+"""Write tiny Llama and Qwen2 GGUF files the way llama.cpp does, for loader tests.
+
+    path, reference = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q4_0")
+
+`reference` is an mlx-lm model holding the exact weights the file encodes (quantized
+tensors dequantized with gguf's own reference code), so a correct loader must give the
+same logits. Llama Q/K rows are permuted as llama.cpp's converter does.
+"""
+
+import json
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+from gguf.quants import dequantize, quantize
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama, qwen2
+
+from tiny_models import tiny_config, tiny_hf_tokenizer
+
+HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Llama Q/K rows."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(hf_name: str) -> str:
+    parts = hf_name.split(".")
+    if hf_name.startswith("model.layers."):
+        layer, rest = parts[2], ".".join(parts[3:-1])
+        return f"blk.{layer}.{HF_TO_GGUF[rest]}.{parts[-1]}"
+    return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[".".join(parts[:-1])] + "." + parts[-1]
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q4_0", embedding_qtype: str = "Q8_0", seed: int = 0):
+    config = tiny_config(arch)
+    module = {"llama": llama, "qwen2": qwen2}[arch]
+    mx.random.seed(seed)
+    source = module.Model(module.ModelArgs.from_dict(config))
+    weights = {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(source.parameters())}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    _add_tokenizer(writer)
+    exact = {}
+    for name, weight in weights.items():
+        is_matrix = weight.ndim == 2
+        kind = embedding_qtype if "embed_tokens" in name else qtype
+        stored = weight
+        if arch == "llama" and ".q_proj.weight" in name:
+            stored = permute_rows(weight, config["num_attention_heads"])
+        elif arch == "llama" and ".k_proj.weight" in name:
+            stored = permute_rows(weight, config["num_key_value_heads"])
+        if is_matrix and kind != "F32":
+            qt = gguf.GGMLQuantizationType[kind]
+            raw = quantize(stored, qt)
+            writer.add_tensor(_gguf_name(name), raw, raw_dtype=qt)
+            decoded = dequantize(raw, qt).reshape(stored.shape)
+            # The reference keeps the un-permuted order of what the file encodes.
+            exact[name] = decoded if stored is weight else _unpermuted(decoded, name, config)
+        else:
+            writer.add_tensor(_gguf_name(name), stored)
+            exact[name] = weight
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source.load_weights([(k, mx.array(v)) for k, v in exact.items()])
+    source.eval()
+    return path, source
+
+
+def _unpermuted(weight: np.ndarray, name: str, config: dict) -> np.ndarray:
+    heads = config["num_attention_heads"] if ".q_proj." in name else config["num_key_value_heads"]
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
+    tokenizer = tiny_hf_tokenizer()
+    vocab = tokenizer.get_vocab()
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    specials = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if t in specials else 1 for t in tokens])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_pad_token_id(vocab["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
