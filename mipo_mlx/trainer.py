@@ -1,0 +1,339 @@
+"""The DPO stage: a LoRA adapter trained on the run's pairs, with one model in memory.
+
+    mipo-mlx train recipes/quickstart.yaml [--resume]     # this is its second stage
+
+Reference log-probs come from the pairs file (stored at sampling time); pairs without
+them (e.g. a TRL data set) are scored once before training with the adapter off. Each
+step runs chosen and rejected answers through one concatenated forward (2B rows),
+scores answer tokens only, and updates the adapter with AdamW, warm-up plus cosine, and
+gradient clipping, accumulating gradients over micro-batches when asked.
+
+Self-checks stop a run that would learn nothing: the first loss must equal the loss at
+policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
+non-zero gradient and change the adapter; a NaN or infinite loss or gradient stops the
+run, keeping the last good checkpoint. Checkpoints (adapter, optimizer state, RNG, data
+position) are written atomically; `--resume` continues the exact trajectory.
+"""
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mipo_mlx.chat import encode_answer
+from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
+from mipo_mlx.errors import UserError
+from mipo_mlx.generation import derived_seed
+from mipo_mlx.lora import adapter_config, adapter_disabled, adapter_files, apply_lora, lora_layers, save_adapter, write_atomically
+from mipo_mlx.sampling import PAIRS_FILE, reference_logps
+from mipo_mlx.scoring import answer_logprobs, pad_batch
+
+ADAPTERS_DIR, CHECKPOINTS_DIR = "adapters", "checkpoints"
+INITIAL_LOSS_TOLERANCE = 1e-4
+
+
+class TrainingStopped(RuntimeError):
+    """A self-check failed; the message says what and what to do."""
+
+
+@dataclass
+class Example:
+    prompt_id: str
+    chosen: tuple[list[int], int]  # token ids and where the answer starts
+    rejected: tuple[list[int], int]
+    ref_chosen: float
+    ref_rejected: float
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen[0]), len(self.rejected[0]))
+
+
+def _as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _as_text(answer) -> str:
+    return answer if isinstance(answer, str) else answer[-1]["content"]
+
+
+def read_pairs(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"no pairs at {path}; run the sample stage first (mipo-mlx sample RECIPE)")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                pair = json.loads(line)
+                pair["prompt"], pair["chosen"], pair["rejected"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: expected a JSON object with prompt, chosen and rejected") from None
+            pairs.append(pair)
+    return pairs
+
+
+def build_examples(pairs: list[dict], model, tokenizer, max_seq_length: int) -> list[Example]:
+    """Token ids of both answers (chat.encode_answer) and their reference log-probs."""
+    missing = [p for p in pairs if "ref_logps" not in p.get("mipo", {})]
+    if missing:
+        # Pairs from elsewhere: score them once, with the adapter off (the base model).
+        items = [(_as_messages(p["prompt"]), _as_text(p[side])) for p in missing for side in ("chosen", "rejected")]
+        with adapter_disabled(model):
+            logps, _ = reference_logps(model, tokenizer, items)
+        for n, pair in enumerate(missing):
+            pair.setdefault("mipo", {})["ref_logps"] = {"chosen": logps[2 * n], "rejected": logps[2 * n + 1]}
+    examples = []
+    for n, pair in enumerate(pairs):
+        messages = _as_messages(pair["prompt"])
+        chosen = encode_answer(tokenizer, messages, _as_text(pair["chosen"]))
+        rejected = encode_answer(tokenizer, messages, _as_text(pair["rejected"]))
+        if max(chosen[1], rejected[1]) >= max_seq_length:
+            continue  # the prompt alone fills the context: nothing to score
+        refs = pair["mipo"]["ref_logps"]
+        examples.append(Example(
+            str(pair["mipo"].get("prompt_id", n)),
+            (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
+            refs["chosen"], refs["rejected"],
+        ))
+    return examples
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out pairs by prompt id (all of a prompt's pairs on one side), deterministically."""
+    held = {e.prompt_id for e in examples if derived_seed(seed, "eval", e.prompt_id) / 2**31 < fraction}
+    return [e for e in examples if e.prompt_id not in held], [e for e in examples if e.prompt_id in held]
+
+
+def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+    """Indices bucketed by length so a batch pads little."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(examples: list[Example], indices: list[int], pad_id: int):
+    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, T-1), refs (B,), answer lengths (2B,)."""
+    chosen = [examples[i].chosen for i in indices]
+    rejected = [examples[i].rejected for i in indices]
+    tokens, mask = pad_batch([c[0] for c in chosen + rejected], [c[1] for c in chosen + rejected], pad_id)
+    refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
+    return tokens, mask, refs
+
+
+def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_batches))
+    random.Random(derived_seed(seed, "epoch", epoch)).shuffle(order)
+    return order
+
+
+def schedule(training, total_steps: int):
+    warmup = int(training.warmup_ratio * total_steps)
+    cosine = optim.cosine_decay(training.learning_rate, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return cosine
+    return optim.join_schedules([optim.linear_schedule(0.0, training.learning_rate, warmup), cosine], [warmup])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / CHECKPOINTS_DIR).glob("step-*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Trainer:
+    def __init__(self, run, model, tokenizer, train: list[Example], held_out: list[Example]):
+        self.run, self.model, self.tokenizer = run, model, tokenizer
+        self.training = run.recipe.training
+        self.train_examples, self.held_out = train, held_out
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batches = make_batches(train, self.training.batch_size)
+        steps_per_epoch = math.ceil(len(self.batches) / self.training.grad_accumulation)
+        self.total_steps = steps_per_epoch * self.training.epochs
+        if self.training.max_steps:
+            self.total_steps = min(self.total_steps, self.training.max_steps)
+        self.optimizer = optim.AdamW(
+            learning_rate=schedule(self.training, self.total_steps),
+            betas=list(self.training.adam_betas), weight_decay=self.training.weight_decay,
+        )
+        self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
+        self.config = adapter_config(model, run.recipe.lora, run.recipe.model.path, training=vars(self.training))
+        state = [model.state, self.optimizer.state, mx.random.state]
+        self._grad_step = partial(mx.compile, inputs=state, outputs=state)(self._loss_and_grad)
+        self._update = partial(mx.compile, inputs=state, outputs=state)(self._apply)
+
+    def _loss(self, model, tokens, mask, refs):
+        t = self.training
+        logps = answer_logprobs(model, tokens, mask)  # (2B,)
+        counts = mask.sum(axis=-1)  # (2B,) answer tokens per row
+        half = refs.shape[0]
+        pc, pr = logps[:half], logps[half:]
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:half], counts[half:]
+        )
+        loss = losses.mean()
+        metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
+        if t.nll_weight:
+            metrics["nll_loss"] = (-pc / counts[:half]).mean()
+            loss = loss + t.nll_weight * metrics["nll_loss"]
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def _loss_and_grad(self, tokens, mask, refs):
+        (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, tokens, mask, refs)
+        return metrics, grads
+
+    def _apply(self, grads):
+        clipped, norm = optim.clip_grad_norm(grads, self.training.max_grad_norm)
+        self.optimizer.update(self.model, clipped)
+        return norm
+
+    def next_micro_batch(self) -> list[int]:
+        order = epoch_order(len(self.batches), self.run.recipe.seed, self.epoch)
+        indices = self.batches[order[self.position]]
+        self.position += 1
+        if self.position == len(self.batches):
+            self.epoch, self.position = self.epoch + 1, 0
+        return indices
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accumulation micro-batches; metrics averaged over them."""
+        accumulated, sums, tokens_seen = None, {}, 0
+        for _ in range(self.training.grad_accumulation):
+            tokens, mask, refs = collate(self.train_examples, self.next_micro_batch(), self.pad_id)
+            metrics, grads = self._grad_step(tokens, mask, refs)
+            accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
+            sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+            tokens_seen += tokens.size
+        n = self.training.grad_accumulation
+        grad_norm = self._update(tree_map(lambda g: g / n, accumulated))
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm, sums)
+        self.step += 1
+        result = {k: v.item() / n for k, v in sums.items()}
+        result.update(grad_norm=grad_norm.item(), learning_rate=self.optimizer.learning_rate.item(), tokens=tokens_seen)
+        return result
+
+    def evaluate(self) -> dict:
+        sums, count = {}, 0
+        for indices in make_batches(self.held_out, self.training.batch_size):
+            tokens, mask, refs = collate(self.held_out, indices, self.pad_id)
+            _, metrics = self._loss(self.model, tokens, mask, refs)
+            sums = {k: sums.get(k, 0) + v.item() * len(indices) for k, v in metrics.items()}
+            count += len(indices)
+        return {k: v / count for k, v in sums.items()}
+
+    def save_checkpoint(self) -> Path:
+        directory = self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}"
+        optimizer_state = dict(tree_flatten(self.optimizer.state))
+        optimizer_state["rng"] = mx.random.state[0]
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps}
+        files = adapter_files(self.model, self.config)
+        files["optimizer.safetensors"] = lambda path: mx.save_safetensors(str(path), optimizer_state)
+        files["state.json"] = lambda path: path.write_text(json.dumps(state))
+        write_atomically(directory, files)
+        self.run.events.emit("checkpoint_saved", step=self.step, path=str(directory),
+                             sha256=sha256_of(directory / "adapters.safetensors"))
+        return directory
+
+    def restore(self, directory: Path) -> None:
+        self.model.load_weights(str(directory / "adapters.safetensors"), strict=False)
+        saved = mx.load(str(directory / "optimizer.safetensors"))
+        mx.random.state[0] = saved.pop("rng")
+        self.optimizer.state = tree_unflatten(list(saved.items()))
+        state = json.loads((directory / "state.json").read_text())
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def check_first_step(self, metrics: dict, before: dict) -> None:
+        t = self.training
+        expected = initial_loss(t.beta, t.loss, t.label_smoothing)
+        dpo_loss = metrics["loss"] - t.nll_weight * metrics.get("nll_loss", 0.0)
+        if abs(dpo_loss - expected) > INITIAL_LOSS_TOLERANCE:
+            raise TrainingStopped(
+                f"first loss {dpo_loss:.6f} is not {expected:.6f} (policy == reference): the stored reference "
+                "log-probs do not match this model and tokenizer; sample the pairs again with this model"
+            )
+        if not metrics["grad_norm"] > 0:
+            raise TrainingStopped("the first gradient is zero: nothing would be learned; check lora.keys and the data")
+        after = dict(tree_flatten(self.model.trainable_parameters()))
+        if all(mx.array_equal(before[k], after[k]).item() for k in before):
+            raise TrainingStopped("the first update left the adapter unchanged; check training.learning_rate")
+
+    def fit(self) -> dict:
+        t, events = self.training, self.run.events
+        events.emit("stage_started", stage="train", total=self.total_steps, unit="steps")
+        started, window, window_tokens, window_start = time.time(), [], 0, time.time()
+        fresh = self.step == 0
+        try:
+            while self.step < self.total_steps:
+                before = dict(tree_flatten(self.model.trainable_parameters())) if fresh and self.step == 0 else None
+                self.model.train()
+                metrics = self.train_step()
+                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                    last = latest_checkpoint(self.run.dir)
+                    raise TrainingStopped(
+                        f"step {self.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not finite; "
+                        f"lower training.learning_rate; the last good checkpoint is {last or 'none'}"
+                    )
+                if before is not None:
+                    self.check_first_step(metrics, before)
+                window.append(metrics)
+                window_tokens += metrics.pop("tokens")
+                if self.step % t.report_every == 0 or self.step == self.total_steps:
+                    report = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
+                    seconds = time.time() - window_start
+                    report.update(tokens_per_second=window_tokens / max(seconds, 1e-9), peak_memory_gb=mx.get_peak_memory() / 1e9)
+                    events.emit("metrics", stage="train", split="train", step=self.step, epoch=self.epoch, **report)
+                    elapsed = time.time() - started
+                    events.emit("progress", stage="train", done=self.step, total=self.total_steps, unit="steps",
+                                rate=self.step / elapsed, tokens_per_second=report["tokens_per_second"],
+                                eta_seconds=elapsed / self.step * (self.total_steps - self.step) if fresh else None)
+                    window, window_tokens, window_start = [], 0, time.time()
+                if self.held_out and (self.step % t.eval_every == 0 or self.step == self.total_steps):
+                    self.model.eval()
+                    events.emit("metrics", stage="train", split="eval", step=self.step, epoch=self.epoch, **self.evaluate())
+                if self.step % t.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if self.step and not latest_checkpoint(self.run.dir) == self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}":
+                self.save_checkpoint()
+            raise
+        self.model.eval()
+        save_adapter(self.model, self.run.path(ADAPTERS_DIR), self.config)
+        summary = {"steps": self.step, "train_pairs": len(self.train_examples), "eval_pairs": len(self.held_out)}
+        events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
+        return summary
+
+
+def run_stage(run) -> dict:
+    recipe = run.recipe
+    loaded = run.loaded_model()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if not lora_layers(model):
+        mx.random.seed(derived_seed(recipe.seed, "lora"))
+        apply_lora(model, recipe.lora)
+    examples = build_examples(read_pairs(run.path(PAIRS_FILE)), model, tokenizer, recipe.training.max_seq_length)
+    train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
+    if len(train) < recipe.training.batch_size:
+        raise UserError(
+            f"{len(train)} training pairs is fewer than training.batch_size {recipe.training.batch_size}; "
+            "sample more prompts or lower the batch size", key="training.batch_size",
+        )
+    trainer = Trainer(run, model, tokenizer, train, held_out)
+    checkpoint = latest_checkpoint(run.dir) if run.resumed else None
+    if checkpoint:
+        trainer.restore(checkpoint)
+    try:
+        return trainer.fit()
+    except TrainingStopped as error:
+        raise UserError(str(error), key="training") from None
