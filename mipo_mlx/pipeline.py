@@ -22,7 +22,7 @@ import yaml
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.errors import UserError
 from mipo_mlx.events import EVENTS_FILE, EventLog
-from mipo_mlx.recipe import Recipe, dump_recipe, load_recipe, recipe_to_dict
+from mipo_mlx.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, recipe_to_dict
 
 RECIPE_FILE = "recipe.yaml"
 # Stage name -> module with run_stage(run); train chains them in this order.
@@ -113,6 +113,16 @@ def open_run(recipe: Recipe, *, resume: bool, observers: list = ()) -> Run:
         os.replace(temp, recipe_path)
     events = EventLog(run_dir / EVENTS_FILE, observers=observers)
     return Run(recipe=recipe, dir=run_dir, events=events, resumed=started)
+
+
+def reopen_run(run_dir: Path) -> Run:
+    """A finished or interrupted run, from its directory alone (for compare and export)."""
+    recipe_path = Path(run_dir) / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no {RECIPE_FILE})", key="RUN_DIR")
+    recipe = parse_recipe(recipe_path.read_text(encoding="utf-8"), str(recipe_path))
+    events = EventLog(Path(run_dir) / EVENTS_FILE, observers=[ConsoleObserver()])
+    return Run(recipe=recipe, dir=Path(run_dir), events=events, resumed=True)
 
 
 def run_stages(run: Run, stages: list[str]) -> dict:

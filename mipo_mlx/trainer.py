@@ -11,7 +11,7 @@ gradient clipping, accumulating gradients over micro-batches when asked.
 Self-checks stop a run that would learn nothing: the first loss must equal the loss at
 policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
 non-zero gradient and change the adapter; a NaN or infinite loss or gradient stops the
-run, keeping the last good checkpoint. Checkpoints (adapter, optimizer state, RNG, data
+run, keeping the last good checkpoint. Checkpoints (adapter, optimizer state, data
 position) are written atomically; `--resume` continues the exact trajectory.
 """
 
@@ -209,6 +209,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over grad_accumulation micro-batches; metrics averaged over them."""
         accumulated, sums, tokens_seen = None, {}, 0
+        # Dropout noise depends on the step alone, so a resumed run repeats it exactly.
+        mx.random.seed(derived_seed(self.run.recipe.seed, "step", self.step))
         for _ in range(self.training.grad_accumulation):
             tokens, mask, refs = collate(self.train_examples, self.next_micro_batch(), self.pad_id)
             metrics, grads = self._grad_step(tokens, mask, refs)
@@ -235,7 +237,6 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         directory = self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}"
         optimizer_state = dict(tree_flatten(self.optimizer.state))
-        optimizer_state["rng"] = mx.random.state[0]
         state = {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps}
         files = adapter_files(self.model, self.config)
         files["optimizer.safetensors"] = lambda path: mx.save_safetensors(str(path), optimizer_state)
@@ -248,7 +249,6 @@ class Trainer:
     def restore(self, directory: Path) -> None:
         self.model.load_weights(str(directory / "adapters.safetensors"), strict=False)
         saved = mx.load(str(directory / "optimizer.safetensors"))
-        mx.random.state[0] = saved.pop("rng")
         self.optimizer.state = tree_unflatten(list(saved.items()))
         state = json.loads((directory / "state.json").read_text())
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]

@@ -1,0 +1,176 @@
+"""What the TUI knows about a run, folded from its event log (no Textual in here).
+
+    tail = RunTail(Path("runs/quickstart"))
+    if tail.poll():            # read the events appended since the last poll
+        state = tail.snapshot()  # a copy the UI thread may keep
+        state.series["loss"]     # training loss, one value per reported step
+
+The tail keeps a byte offset into RUN_DIR/events.jsonl and reads it with
+mipo_mlx.events.read_events, so it follows a run started from any terminal.
+"""
+
+import copy
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mipo_mlx.events import EVENTS_FILE, read_events
+from mipo_mlx.pipeline import RECIPE_FILE
+
+# Training metrics drawn as curves, in TRL's names (see mipo_mlx/events.py).
+CHART_METRICS = (
+    "loss",
+    "rewards/margins",
+    "rewards/accuracies",
+    "learning_rate",
+    "tokens_per_second",
+    "peak_memory_gb",
+)
+NOTES_KEPT = 200
+
+
+@dataclass
+class RunState:
+    """One run as its events describe it; `apply` folds one event in."""
+
+    run_dir: Path
+    status: str = "not started"
+    model: str | None = None
+    stages: list[str] = field(default_factory=list)
+    stage: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    updated_at: float | None = None
+    progress: dict[str, dict] = field(default_factory=dict)
+    step: int | None = None
+    last_metrics: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    series: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in CHART_METRICS})
+    checkpoints: list[dict] = field(default_factory=list)
+    notes: deque = field(default_factory=lambda: deque(maxlen=NOTES_KEPT))
+    notes_written: int = 0
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.progress.get("train", {}).get("total")
+
+    def apply(self, event: dict) -> None:
+        kind = event.get("event")
+        self.updated_at = event.get("time", self.updated_at)
+        if kind == "run_started":
+            self.status, self.model, self.pid = "running", event.get("model"), event.get("pid")
+            self.stages = list(event.get("stages", []))
+            self.started_at = event.get("time")
+            self.error = None
+            self._note(f"run started{' (resumed)' if event.get('resumed') else ''}: {self.model}")
+        elif kind == "stage_started":
+            self.stage = event["stage"]
+            self.progress[self.stage] = {"stage": self.stage, "done": 0, **event}
+            self._note(f"{self.stage}: {event.get('total', '?')} {event.get('unit', '')}")
+        elif kind == "progress":
+            self.stage = event["stage"]
+            self.progress[self.stage] = event
+        elif kind == "metrics":
+            self._apply_metrics(event)
+        elif kind == "checkpoint_saved":
+            self.checkpoints.append(event)
+            self._note(f"checkpoint at step {event['step']}: {event['path']}")
+        elif kind == "note":
+            self._note(f"{event.get('level', 'info')}: {event.get('text', '')}")
+        elif kind == "stage_finished":
+            done = self.progress.setdefault(event["stage"], {"stage": event["stage"]})
+            if done.get("total"):
+                done["done"] = done["total"]
+            self._note(f"{event['stage']} finished in {event.get('seconds', 0):.0f} s")
+        elif kind == "run_finished":
+            self.status = event.get("status", "completed")
+            self._note(f"run {self.status}")
+        elif kind == "run_failed":
+            self.status, self.error = "failed", event.get("error")
+            self._note(f"run failed in {event.get('stage')}: {self.error}")
+
+    def _apply_metrics(self, event: dict) -> None:
+        if event.get("split", "train") != "train":
+            self.last_eval = event
+            return
+        self.step = event.get("step", self.step)
+        self.last_metrics = event
+        for name in CHART_METRICS:
+            value = event.get(name)
+            # A diverged loss arrives as the string "nan" (events.py keeps JSON valid).
+            if isinstance(value, (int, float)):
+                self.series[name].append(float(value))
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        self.notes_written += 1
+
+    def is_alive(self) -> bool:
+        """Whether the process that wrote `run_started` still runs (this machine only)."""
+        if self.status != "running" or not self.pid or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def shown_status(self) -> str:
+        """The status a person should read: a run whose process is gone was interrupted."""
+        if self.status == "running" and not self.is_alive():
+            return "interrupted"
+        return self.status
+
+
+class RunTail:
+    """Follows one run directory's event log from a byte offset."""
+
+    def __init__(self, run_dir: Path):
+        self.state = RunState(run_dir=Path(run_dir))
+        self.offset = 0
+
+    @property
+    def events_path(self) -> Path:
+        return self.state.run_dir / EVENTS_FILE
+
+    def poll(self) -> bool:
+        """Fold in the events written since the last poll; True when there were any."""
+        events, self.offset = read_events(self.events_path, self.offset)
+        for event in events:
+            self.state.apply(event)
+        return bool(events)
+
+    def snapshot(self) -> RunState:
+        return copy.deepcopy(self.state)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / EVENTS_FILE).is_file() or (path / RECIPE_FILE).is_file()
+
+
+def find_runs(output_dir: Path) -> list[Path]:
+    """Run directories directly inside `output_dir`, by name."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(path for path in output_dir.iterdir() if path.is_dir() and is_run_dir(path))
+
+
+def downsample(values: list[float], width: int) -> list[float]:
+    """At most `width` points: the mean of each equal slice, so a curve keeps its level."""
+    if width <= 0 or len(values) <= width:
+        return list(values)
+    points = []
+    for column in range(width):
+        start = column * len(values) // width
+        end = max(start + 1, (column + 1) * len(values) // width)
+        chunk = values[start:end]
+        points.append(sum(chunk) / len(chunk))
+    return points
