@@ -139,7 +139,9 @@ def schedule(training, total_steps: int):
     cosine = optim.cosine_decay(training.learning_rate, max(total_steps - warmup, 1))
     if warmup == 0:
         return cosine
-    return optim.join_schedules([optim.linear_schedule(0.0, training.learning_rate, warmup), cosine], [warmup])
+    # Warm-up starts above zero so that the first update is a real one (and checkable).
+    start = training.learning_rate / (warmup + 1)
+    return optim.join_schedules([optim.linear_schedule(start, training.learning_rate, warmup), cosine], [warmup])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -168,9 +170,14 @@ class Trainer:
         )
         self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
         self.config = adapter_config(model, run.recipe.lora, run.recipe.model.path, training=vars(self.training))
-        state = [model.state, self.optimizer.state, mx.random.state]
+        self._compile()
+
+    def _compile(self):
+        # Dropout draws from the random state inside the gradient step; the update does not.
+        state = [self.model.state, mx.random.state]
         self._grad_step = partial(mx.compile, inputs=state, outputs=state)(self._loss_and_grad)
-        self._update = partial(mx.compile, inputs=state, outputs=state)(self._apply)
+        update_state = [self.model.state, self.optimizer.state]
+        self._update = partial(mx.compile, inputs=update_state, outputs=update_state)(self._apply)
 
     def _loss(self, model, tokens, mask, refs):
         t = self.training
@@ -250,6 +257,7 @@ class Trainer:
         self.model.load_weights(str(directory / "adapters.safetensors"), strict=False)
         saved = mx.load(str(directory / "optimizer.safetensors"))
         self.optimizer.state = tree_unflatten(list(saved.items()))
+        self._compile()  # the compiled update must capture the new state dict
         state = json.loads((directory / "state.json").read_text())
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         mx.eval(self.model.parameters(), self.optimizer.state)

@@ -1,0 +1,180 @@
+"""MIPO pair sampling on the tiny model: strategies, reference log-probs, resume, data errors."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from mipo_mlx import sampling
+from mipo_mlx.chat import encode_answer
+from mipo_mlx.data import read_prompts
+from mipo_mlx.errors import UserError
+from mipo_mlx.pipeline import open_run, run_stages
+from mipo_mlx.recipe import parse_recipe
+
+PROFILES = [
+    ("I live in Paris and I answer in French.", "What should I cook tonight?"),
+    ("Keep answers under 20 words.", "How can I sleep better?"),
+    ("My cat Luna likes the sofa.", "What is a good hobby?"),
+    ("Start with 'Hello friend'.", "How do I make tea?"),
+    ("Use bullet points.", "What should I pack for a trip?"),
+    ("Never use commas.", "How do I start running?"),
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": q, "context": c}) + "\n" for i, (c, q) in enumerate(PROFILES)))
+    return path
+
+
+def make_run(tmp_path, model_dir, prompts, *overrides, name="run"):
+    text = f"model: {{path: {model_dir}}}\ndata: {{train: {prompts}, test: null}}\noutput_dir: {tmp_path / 'runs'}\nrun_name: {name}\n"
+    recipe = parse_recipe(text, "r.yaml", ["sampling.max_tokens=12", "sampling.batch_size=4", "sampling.temperature=0.8", *overrides])
+    return open_run(recipe, resume=True)
+
+
+def read_pairs(run):
+    return [json.loads(line) for line in (run.dir / "pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["random_prompt", "drop_context", "swap_context"])
+def test_no_negative_comes_from_its_own_prompt_or_context(tmp_path, tiny_model_dirs, prompts_file, strategy):
+    run = make_run(tmp_path, tiny_model_dirs[("llama", False)], prompts_file, f"sampling.negative={strategy}")
+    run_stages(run, ["sample"])
+    pairs = read_pairs(run)
+    assert len(pairs) == len(PROFILES)
+    for pair in pairs:
+        meta = pair["mipo"]
+        own_context = pair["prompt"][0]["content"]
+        negative_system = [m["content"] for m in meta["negative_prompt"] if m["role"] == "system"]
+        assert pair["prompt"][0]["role"] == "system"  # stored as answers to the full prompt
+        if strategy == "random_prompt":
+            assert meta["negative_source"] != meta["prompt_id"]
+            assert meta["negative_prompt"][-1]["content"] != pair["prompt"][-1]["content"]
+        elif strategy == "drop_context":
+            assert negative_system == []
+            assert meta["negative_prompt"][-1] == pair["prompt"][-1]
+        else:
+            assert negative_system and negative_system[0] != own_context
+            assert meta["negative_prompt"][-1] == pair["prompt"][-1]
+        assert meta["pmi"] == pytest.approx(meta["ref_logps"]["chosen"] - meta["ref_logps"]["rejected"])
+
+
+def test_k_negatives_give_k_pairs_per_prompt(tmp_path, tiny_model_dirs, prompts_file):
+    run = make_run(tmp_path, tiny_model_dirs[("qwen2", False)], prompts_file, "sampling.negatives_per_prompt=3",
+                   "sampling.negative=swap_context")
+    run_stages(run, ["sample"])
+    pairs = read_pairs(run)
+    assert len(pairs) == 3 * len(PROFILES)
+    assert len({p["mipo"]["id"] for p in pairs}) == len(pairs)
+    by_prompt = {}
+    for pair in pairs:
+        by_prompt.setdefault(pair["mipo"]["prompt_id"], []).append(pair)
+    assert all(len(group) == 3 for group in by_prompt.values())
+    # One positive per prompt, shared by its k pairs.
+    assert all(len({p["chosen"][0]["content"] for p in group}) == 1 for group in by_prompt.values())
+
+
+def test_reference_logps_equal_a_fresh_full_forward(tmp_path, tiny_model_dirs, prompts_file):
+    model_dir = tiny_model_dirs[("llama", True)]
+    run = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context")
+    run_stages(run, ["sample"])
+    model, tokenizer = run.loaded_model().model, run.loaded_model().tokenizer
+    for pair in read_pairs(run):
+        for side in ("chosen", "rejected"):
+            ids, start = encode_answer(tokenizer, pair["prompt"], pair[side][0]["content"])
+            logits = model(mx.array([ids[:-1]])).astype(mx.float32)[0]  # (T-1, V)
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            fresh = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            assert abs(fresh - pair["mipo"]["ref_logps"][side]) < 1e-3
+
+
+def test_same_seed_same_pairs_and_a_killed_run_resumes_exactly(tmp_path, tiny_model_dirs, prompts_file, monkeypatch):
+    model_dir = tiny_model_dirs[("llama", False)]
+    clean = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2", name="clean")
+    run_stages(clean, ["sample"])
+    expected = (clean.dir / "pairs.jsonl").read_text()
+
+    killed = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2", name="killed")
+    real_generate, calls = sampling.generate_chunk, []
+
+    def dies_on_third_chunk(*args):
+        calls.append(args[-1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(*args)
+
+    monkeypatch.setattr(sampling, "generate_chunk", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(killed, ["sample"])
+    written = (killed.dir / "pairs.jsonl").read_text()
+    assert 0 < len(written) < len(expected) and expected.startswith(written)
+    with open(killed.dir / "pairs.jsonl", "a") as f:
+        f.write('{"prompt": [{"role": "user", "con')  # a kill in the middle of a line
+    monkeypatch.setattr(sampling, "generate_chunk", real_generate)
+    run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2",
+                        name="killed"), ["sample"])
+    assert (killed.dir / "pairs.jsonl").read_text() == expected
+
+    # A finished file is never rewritten: a rerun appends nothing and generates nothing.
+    before = (clean.dir / "pairs.jsonl").stat().st_mtime_ns
+    summary = run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt",
+                                  "sampling.batch_size=2", name="clean"), ["sample"])
+    assert summary["sample"]["generated_chunks"] == 0
+    assert (clean.dir / "pairs.jsonl").stat().st_mtime_ns == before
+
+
+def test_filters_drop_and_count(tmp_path, tiny_model_dirs, prompts_file):
+    run = make_run(tmp_path, tiny_model_dirs[("llama", False)], prompts_file, "sampling.drop_truncated=true",
+                   "sampling.max_tokens=2")
+    summary = run_stages(run, ["sample"])["sample"]
+    assert summary["dropped"].get("truncated", 0) + summary["pairs"] == len(PROFILES)
+    assert all("length" not in p["mipo"]["finish"].values() for p in read_pairs(run))
+
+
+def test_strategies_that_need_contexts_say_so(tmp_path, tiny_model_dirs):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"prompt": "Hi there"}\n{"prompt": "Hello again"}\n')
+    run = make_run(tmp_path, tiny_model_dirs[("llama", False)], plain, "sampling.negative=drop_context")
+    with pytest.raises(UserError, match="drop_context negative needs a context on every prompt"):
+        run_stages(run, ["sample"])
+
+
+def test_malformed_lines_are_reported_with_file_and_line_or_skipped(tmp_path, caplog):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n{"messages": [{"role": "assistant", "content": "x"}]}\n{"prompt": "fine"}\n')
+    with pytest.raises(UserError, match=rf"{path}:2: .*set data.on_bad_line: skip"):
+        read_prompts(str(path))
+    records = read_prompts(str(path), on_bad_line="skip")
+    assert [r.question for r in records] == ["ok", "fine"]
+    assert "skipped 2 malformed line(s)" in caplog.text
+
+
+def test_every_layout_reads(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"messages": [{"role": "system", "content": "I like French."}, {"role": "user", "content": "Dinner?"}]},
+        {"prompt": "Tea?", "context": "Be brief."},
+        {"question": "2 + 3?", "answer": "5\n#### 5"},
+        {"id": "arc1", "question": {"stem": "Sky colour?", "choices": [{"label": "A", "text": "blue"}, {"label": "B", "text": "red"}]}, "answerKey": "A"},
+        {"conversation_id": "c1", "conversation_history": [{"role": "user", "content": "Hi!"}], "system_string": "Be kind."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_prompts(str(path))
+    assert [r.context for r in records] == ["I like French.", "Be brief.", None, None, "Be kind."]
+    assert records[2].extras["gold"] == "5" and records[3].extras["gold"] == "A" and records[3].id == "arc1"
+    assert records[0].messages(context=None) == [{"role": "user", "content": "Dinner?"}]
+    assert records[1].id == read_prompts(str(path))[1].id  # stable ids
+
+
+def test_bundled_personalization_splits_by_profile_and_question():
+    train = read_prompts("bundled:personalization/train")
+    test = read_prompts("bundled:personalization/test")
+    assert len({r.extras["profile_id"] for r in train + test}) >= 40
+    assert len({r.question for r in train + test}) >= 60
+    assert not {r.extras["profile_id"] for r in train} & {r.extras["profile_id"] for r in test}
+    assert not {r.question for r in train} & {r.question for r in test}
+    kinds = {p["kind"] for r in train for p in r.extras["preferences"]}
+    assert kinds == {"language", "case", "max_words", "list_format", "opening", "closing", "mention", "avoid"}
