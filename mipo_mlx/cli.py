@@ -21,8 +21,6 @@ COMMANDS = {
     "train": ("mipo_mlx.pipeline", "Run a recipe: sample pairs, train the LoRA adapter with DPO, compare before and after."),
     "sample": ("mipo_mlx.pipeline", "Run only the MIPO pair sampling stage of a recipe."),
     "compare": ("mipo_mlx.compare", "Answer held-out prompts before and after training and report the metrics."),
-    "eval": ("mipo_mlx.evaluate", "Evaluate any model, with or without an adapter, on a prompt file."),
-    "export": ("mipo_mlx.export", "Export a run's adapter (mlx, peft, fused, gguf) and push it to the Hub."),
     "convert": ("mipo_mlx.convert", "Write an mlx-lm model directory from a GGUF file, a Hub id or the embedded model."),
     "info": ("mipo_mlx.info", "Describe a model: architecture, size, quantization, chat template, memory needs."),
     "tui": ("mipo_mlx_tui.app", "Open the terminal UI on a run directory or a recipe."),

@@ -151,7 +151,6 @@ class EvalConfig:
     temperature: float = _field(0.1, "Sampling temperature for before/after answers.", min=0.0)
     top_p: float = _field(0.9, "Nucleus sampling mass for before/after answers.", greater_than=0.0, max=1.0)
     max_tokens: int = _field(256, "Longest before/after answer, in tokens.", min=1)
-    judge: Optional[str] = _field(None, "Judge model for 1-5 preference scores (any model the loader takes); null skips it.")
     bootstrap_samples: int = _field(1000, "Bootstrap resamples for the 95% intervals.", min=100)
 
 
@@ -172,7 +171,9 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The DPO step."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Before/after comparison."})
-    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Where the adapter goes."})
+    export: ExportConfig = field(
+        default_factory=ExportConfig, metadata={"help": "Where the adapter goes (read by the export command, still to come)."}
+    )
     output_dir: str = _field("runs", "Folder that holds run directories.")
     run_name: Optional[str] = _field(None, "Run directory name inside output_dir; null uses the recipe file's name.")
     seed: int = _field(0, "Seed for sampling, data order and LoRA initialization.", min=0)

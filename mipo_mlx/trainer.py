@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mipo_mlx.chat import encode_answer
@@ -330,6 +331,8 @@ def run_stage(run) -> dict:
     if not lora_layers(model):
         mx.random.seed(derived_seed(recipe.seed, "lora"))
         apply_lora(model, recipe.lora)
+    if recipe.training.grad_checkpoint:
+        grad_checkpoint(model.model.layers[0])
     examples = build_examples(read_pairs(run.path(PAIRS_FILE)), model, tokenizer, recipe.training.max_seq_length)
     train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
     if len(train) < recipe.training.batch_size:

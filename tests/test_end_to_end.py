@@ -1,0 +1,37 @@
+"""`mipo-mlx train` on the embedded model, offline, end to end (small settings for CI)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "data.max_prompts=8", "sampling.max_tokens=24", "sampling.batch_size=8", "training.batch_size=2",
+    "training.max_steps=4", "training.eval_fraction=0.25", "training.save_every=2", "training.learning_rate=1e-4",
+    "eval.max_prompts=4", "eval.max_tokens=24", "eval.bootstrap_samples=200",
+]
+
+
+def test_quickstart_runs_offline_and_writes_every_artifact(tmp_path):
+    args = [sys.executable, "-m", "mipo_mlx.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+            "--set", f"output_dir={tmp_path}"]
+    for override in SMALL:
+        args += ["--set", override]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "quickstart"
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 8
+    assert all(p["mipo"]["strategy"] == "swap_context" and p["mipo"]["model"] == "smollm2-135m" for p in pairs)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1] == {**events[-1], "event": "run_finished", "status": "completed"}
+    first = next(e for e in events if e["event"] == "metrics" and e["split"] == "train")
+    assert abs(first["loss"] - 0.693147) < 1e-4
+    metrics = json.loads((run / "compare" / "metrics.json").read_text())
+    assert metrics["adherence/overall"]["n"] == 4
+    assert "| adherence/overall | 4 |" in result.stdout
+    config = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 30
+    assert (run / "adapters" / "adapters.safetensors").exists()
