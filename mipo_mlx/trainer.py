@@ -108,9 +108,13 @@ def build_examples(pairs: list[dict], model, tokenizer, max_seq_length: int) -> 
     return examples
 
 
+def is_held_out(prompt_id: str, fraction: float, seed: int) -> bool:
+    """Whether a prompt's pairs are held out for evaluation (all of them, deterministically)."""
+    return derived_seed(seed, "eval", prompt_id) / 2**31 < fraction
+
+
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out pairs by prompt id (all of a prompt's pairs on one side), deterministically."""
-    held = {e.prompt_id for e in examples if derived_seed(seed, "eval", e.prompt_id) / 2**31 < fraction}
+    held = {e.prompt_id for e in examples if is_held_out(e.prompt_id, fraction, seed)}
     return [e for e in examples if e.prompt_id not in held], [e for e in examples if e.prompt_id in held]
 
 

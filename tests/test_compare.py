@@ -1,0 +1,75 @@
+"""Before/after evaluation: preference checkers, statistics, and the compare stage on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mipo_mlx.compare import self_bleu
+from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p
+from mipo_mlx.pipeline import open_run, run_stages
+from mipo_mlx.preferences import check, check_all, detect_language
+
+
+@pytest.mark.parametrize("preference, passing, failing", [
+    ({"kind": "language", "value": "fr"}, "Bonjour, voici une idée pour le dîner.", "Hello, here is an idea for dinner."),
+    ({"kind": "language", "value": "es"}, "Hola, ¿cómo estás? Te recomiendo una sopa.", "Bonjour, voici une soupe."),
+    ({"kind": "language", "value": "de"}, "Ich empfehle dir eine Suppe mit Brot und ein Glas Wasser.", "I recommend a soup."),
+    ({"kind": "case", "value": "lower"}, "go to bed early and skip the screen.", "Go to bed early."),
+    ({"kind": "case", "value": "upper"}, "GO TO BED EARLY!", "GO TO BED early!"),
+    ({"kind": "max_words", "value": 5}, "Walk by the sea.", "Walk by the sea every single morning."),
+    ({"kind": "list_format", "value": "bullets"}, "Pack:\n- water\n- a map", "Pack:\n1. water\n2. a map"),
+    ({"kind": "list_format", "value": "numbered"}, "1. water\n2. a map", "Water and a map."),
+    ({"kind": "list_format", "value": "none"}, "Water and a map.", "- water\n- map"),
+    ({"kind": "opening", "value": "Hello friend"}, "Hello friend! Try tea.", "Try tea. Hello friend"),
+    ({"kind": "closing", "value": "Cheers!"}, "Try tea. Cheers!", "Cheers! Try tea."),
+    ({"kind": "mention", "value": "Lisbon"}, "In Lisbon, try the tram.", "Try the tram."),
+    ({"kind": "avoid", "value": ","}, "Start slow and rest well.", "Start slow, and rest well."),
+    ({"kind": "avoid", "value": "coffee"}, "Try green tea.", "Try Coffee with milk."),
+])
+def test_every_checker_on_hand_written_answers(preference, passing, failing):
+    assert check(preference, passing)
+    assert not check(preference, failing)
+
+
+def test_check_all_groups_by_kind_and_detects_languages():
+    preferences = [{"kind": "language", "value": "fr"}, {"kind": "avoid", "value": ","}]
+    assert check_all(preferences, "Bonjour voici une idée") == {"language": True, "avoid": True}
+    assert detect_language("The cat is on the sofa and it is happy.") == "en"
+
+
+def test_statistics_behave():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, 400)
+    low, high = bootstrap_interval(values, 1000, 0)
+    assert low < 1.0 < high and high - low < 0.4
+    before = rng.normal(0, 1, 60)
+    assert paired_permutation_p(before, before + 1.0, 1000, 0) < 0.01
+    assert paired_permutation_p(before, before + rng.normal(0, 0.01, 60), 1000, 0) > 0.05
+
+
+def test_self_bleu_is_high_for_repeated_answers_and_low_for_varied_ones():
+    same = ["the cat sat on the mat today"] * 4
+    varied = ["the cat sat on the mat", "dogs bark loudly at night", "green tea helps me relax", "paris is lovely in spring"]
+    assert self_bleu(same) > 0.9
+    assert self_bleu(varied) < 0.2
+
+
+def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_dirs):
+    from test_trainer import train_run
+
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"id": f"t{i}", "prompt": q, "context": "Please always answer me in French.",
+                                             "preferences": [{"kind": "language", "value": "fr"}]}) + "\n"
+                                 for i, q in enumerate(["What can I cook?", "How do I relax?", "Any weekend idea?"])))
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "cmp", "training.batch_size=2", "training.max_steps=2",
+                    f"data.test={test_file}", "eval.max_tokens=8", "eval.bootstrap_samples=100")
+    run_stages(run, ["train", "compare"])
+    rows = [json.loads(line) for line in (run.dir / "compare" / "answers.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["t0", "t1", "t2"]
+    assert all(set(r["checks"]) == {"base", "adapted"} and "language" in r["checks"]["base"] for r in rows)
+    metrics = json.loads((run.dir / "compare" / "metrics.json").read_text())
+    assert metrics["adherence/language"]["n"] == 3
+    assert {"before_ci", "after_ci", "p_value"} <= set(metrics["answer_tokens"])
+    report = (run.dir / "compare" / "report.md").read_text()
+    assert "| adherence/overall | 3 |" in report and "temperature 0.1" in report and "## Examples" in report
