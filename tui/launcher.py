@@ -75,6 +75,12 @@ def _saved_run_location(path: Path) -> Path:
     return Path(raw.get("output_dir", "runs")) / (raw.get("run_name") or path.parent.name)
 
 
+def catch_interrupts() -> None:
+    """In the child: take SIGINT as ctrl+c even when the TUI was started with it ignored
+    (a background job of a script), so that stopping a run always checkpoints it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python turns the default into KeyboardInterrupt
+
+
 def start_training(source: RunSource, resume: bool) -> TrainingLaunch:
     command = [sys.executable, "-m", "mipo_mlx.cli", "train", str(source.recipe)]
     if resume:
@@ -88,6 +94,7 @@ def start_training(source: RunSource, resume: bool) -> TrainingLaunch:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=catch_interrupts,
         )
     return TrainingLaunch(process=process, run_dir=source.run_dir, command=command)
 

@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Static
 from tui_helpers import recorded_lines, wait_for
 
 from mipo_mlx_tui.app import MipoApp
-from mipo_mlx_tui.launcher import TrainingLaunch, stop_run
+from mipo_mlx_tui.launcher import TrainingLaunch, catch_interrupts, stop_run
 from mipo_mlx_tui.messages import TrainingExited
 from mipo_mlx_tui.monitor_view import MonitorView
 from mipo_mlx_tui.run_screen import RunScreen
@@ -97,7 +97,8 @@ def test_stop_interrupts_the_process_group_like_ctrl_c(tmp_path):
         "try:\n    time.sleep(30)\n"
         "except KeyboardInterrupt:\n    pathlib.Path('stopped').write_text('checkpoint saved')\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, start_new_session=True,
+                               preexec_fn=catch_interrupts)
     time.sleep(0.5)
     launch = TrainingLaunch(process=process, run_dir=tmp_path, command=[])
     assert stop_run(None, launch)
