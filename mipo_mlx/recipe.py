@@ -344,7 +344,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read and check a recipe file; any mistake is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe not found; give a YAML file such as recipes/quickstart.yaml", file=str(path))
+        raise UserError("recipe not found; give a YAML file such as recipes/quickstart.yaml", file=str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

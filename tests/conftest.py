@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mipo_mlx  # noqa: E402  (loads the fast BLAS before mlx is imported)
+import mipo_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx is imported)
 from tiny_models import save_tiny_model  # noqa: E402
 
 TINY_VARIANTS = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]

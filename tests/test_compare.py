@@ -7,7 +7,7 @@ import pytest
 
 from mipo_mlx.compare import self_bleu
 from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p
-from mipo_mlx.pipeline import open_run, run_stages
+from mipo_mlx.pipeline import run_stages
 from mipo_mlx.preferences import check, check_all, detect_language
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import mlx.core as mx
 import mlx_lm
@@ -126,7 +127,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_di
     expected = losses_of(straight)
 
     stopped = train_run(tmp_path, model_dir, "stopped", *settings)
-    real_step, steps = trainer_module.Trainer.train_step, []
+    real_step = trainer_module.Trainer.train_step
 
     def interrupted(self):
         if self.step == 4:
@@ -140,7 +141,6 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_di
     finally:
         trainer_module.Trainer.train_step = real_step
     assert sorted(p.name for p in (stopped.dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
-    import shutil
     shutil.rmtree(stopped.dir / "checkpoints" / "step-000004")  # resume from the mid-run checkpoint at step 3
     resumed = train_run(tmp_path, model_dir, "stopped", *settings, resume=True)
     run_stages(resumed, ["train"])
