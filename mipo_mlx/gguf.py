@@ -6,7 +6,8 @@ MLX reads the tensors (`mx.load(path, return_metadata=True)`): Q4_0, Q4_1 and Q8
 back as MLX affine-quantized triplets (weight, scales, biases; group size 32) and stay
 quantized layers, with bits per layer as in the file; F16/F32 tensors load as float.
 Names are mapped to mlx-lm's, llama.cpp's row permutation of the Llama Q and K
-projections is undone, and the tokenizer (byte-level BPE, special tokens, BOS/EOS/PAD)
+projections is undone, Llama 3's RoPE scaling is recovered from the `rope_freqs` tensor
+llama.cpp stores instead of its settings, and the tokenizer (byte-level BPE, special tokens, BOS/EOS/PAD)
 and chat template are rebuilt from the file's metadata.
 """
 
@@ -15,15 +16,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import _get_classes, infer_quant_config
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from mipo_mlx.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Llama 3.x's RoPE settings besides the factor; llama.cpp keeps only the per-frequency factors.
+LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# mx.load's message for a tensor type it cannot read (Q5_K, Q5_0, IQ4_XS, ...).
+UNREADABLE_TENSOR_TYPE = "gguf_tensor_to_f16 failed"
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -54,11 +60,13 @@ def _value(metadata: dict, key: str, default=None):
     return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
 
 
-def _mlx_lm_name(name: str) -> str:
+def _mlx_lm_name(name: str, path: str) -> str:
     base, _, suffix = name.rpartition(".")
     if base.startswith("blk."):
         _, layer, kind = base.split(".", 2)
         return f"model.layers.{layer}.{LAYER_NAMES[kind]}.{suffix}"
+    if base not in TOP_LEVEL_NAMES:
+        raise UserError(f"unexpected tensor {name!r} for a Llama/Qwen2 model", file=path)
     return f"{TOP_LEVEL_NAMES[base]}.{suffix}"
 
 
@@ -96,7 +104,20 @@ def gguf_config(metadata: dict, weights: dict, path: str) -> dict:
         config["head_dim"] = head_dim
     if _value(metadata, f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": _value(metadata, f"{arch}.rope.scaling.factor")}
+    if "rope_freqs.weight" in weights:
+        rope_dims = _value(metadata, f"{arch}.rope.dimension_count", head_dim or hidden // heads)
+        config["rope_scaling"] = llama3_rope_scaling(weights["rope_freqs.weight"], rope_dims, config["rope_theta"], path)
     return config
+
+
+def llama3_rope_scaling(rope_factors: mx.array, dims: int, base: float, path: str) -> dict:
+    """Llama 3's rope_scaling whose per-frequency factors are the file's `rope_freqs` tensor."""
+    scaling = {"rope_type": "llama3", "factor": rope_factors.max().item(), **LLAMA3_ROPE_DEFAULTS}
+    # mlx-lm's Llama 3 periods over the unscaled ones are exactly llama.cpp's factors.
+    expected = Llama3RoPE(dims, base=base, scaling_config=scaling)._freqs / base ** (mx.arange(0, dims, 2) / dims)
+    if expected.shape != rope_factors.shape or not mx.allclose(expected, rope_factors.astype(mx.float32), rtol=1e-3):
+        raise UserError("its rope_freqs tensor is not Llama 3's RoPE scaling, the only one supported", file=path)
+    return scaling
 
 
 def build_model(config: dict, weights: dict) -> tuple[nn.Module, dict]:
@@ -152,9 +173,13 @@ def gguf_tokenizer(metadata: dict, path: str) -> TokenizerWrapper:
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
     token_types = metadata["tokenizer.ggml.token_type"].tolist()
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = _pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    if pre in ("qwen2", "qwen35"):
+        backend.normalizer = normalizers.NFC()  # as in Qwen's own tokenizer.json
     backend.decoder = decoders.ByteLevel()
-    specials = [tokens[i] for i, kind in enumerate(token_types) if kind in (CONTROL_TOKEN, USER_DEFINED_TOKEN)]
+    control = [tokens[i] for i, kind in enumerate(token_types) if kind == CONTROL_TOKEN]
+    user_defined = [tokens[i] for i, kind in enumerate(token_types) if kind == USER_DEFINED_TOKEN]
 
     def token(key):
         index = _value(metadata, f"tokenizer.ggml.{key}_token_id")
@@ -171,12 +196,14 @@ def gguf_tokenizer(metadata: dict, path: str) -> TokenizerWrapper:
         eos_token=eos,
         pad_token=token("padding") or eos,
         unk_token=token("unknown"),
-        additional_special_tokens=[t for t in specials if t not in (bos, eos)],
+        additional_special_tokens=[t for t in control if t not in (bos, eos)],
         clean_up_tokenization_spaces=False,
     )
+    # User-defined tokens (e.g. Qwen's <tool_call>) are never split, but decode as text even when skipping specials.
+    hf_tokenizer.add_tokens(user_defined)
     hf_tokenizer.chat_template = metadata.get("tokenizer.chat_template")
     vocab = hf_tokenizer.get_vocab()
-    end_ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in specials}
+    end_ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in control + user_defined}
     end_ids |= {_value(metadata, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")} - {None}
     return TokenizerWrapper(hf_tokenizer, BPEStreamingDetokenizer, eos_token_ids=sorted(end_ids))
 
@@ -187,18 +214,24 @@ def load_gguf(path: str | Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
     try:
         tensors, metadata = mx.load(path, return_metadata=True)
     except (RuntimeError, ValueError, OSError) as error:
-        raise UserError(f"cannot read this GGUF file ({' '.join(str(error).split())})", file=path) from None
+        reason = " ".join(str(error).split())
+        if UNREADABLE_TENSOR_TYPE in reason:
+            reason = (
+                "a tensor type MLX cannot read; MLX reads F32, F16, BF16, Q4_0, Q4_1, Q8_0 (and Q2_K, Q4_K, Q6_K "
+                "as float16): use e.g. a Q4_0, Q8_0 or Q4_K_M file, or the model's mlx-community version"
+            )
+        raise UserError(f"cannot read this GGUF file ({reason})", file=path) from None
     config = gguf_config(metadata, tensors, path)
     kv_heads = config["num_key_value_heads"]
     weights = {}
     for name, tensor in tensors.items():
-        if name.startswith("blk.") and name.split(".")[2] not in LAYER_NAMES:
-            continue  # llama.cpp extras (e.g. rope_freqs) that mlx-lm recomputes
+        if name == "rope_freqs.weight" or (name.startswith("blk.") and name.split(".")[2] not in LAYER_NAMES):
+            continue  # llama.cpp extras that mlx-lm recomputes from the config (rope_freqs: see gguf_config)
         if config["model_type"] == "llama" and ".attn_q." in name:
             tensor = unpermute_rows(tensor, config["num_attention_heads"])
         elif config["model_type"] == "llama" and ".attn_k." in name:
             tensor = unpermute_rows(tensor, kv_heads)
-        weights[_mlx_lm_name(name)] = tensor
+        weights[_mlx_lm_name(name, path)] = tensor
     model, config = build_model(config, weights)
     tokenizer = gguf_tokenizer(metadata, path)
     config["eos_token_id"] = sorted(tokenizer.eos_token_ids)

@@ -66,7 +66,8 @@ def memory_estimates(model: nn.Module, config: dict, compute: str) -> dict[str, 
     for key in DEFAULT_LORA_KEYS:
         module = first_layer.get(key)
         if module is not None:
-            out_dims, in_dims = module.weight.shape[0], module.weight.shape[1] * (32 // getattr(module, "bits", 32))
+            # A quantized weight packs 32 // bits values per uint32 column (3, 5, 6 bits: 32 / bits).
+            out_dims, in_dims = module.weight.shape[0], module.weight.shape[1] * 32 // getattr(module, "bits", 32)
             lora_params += lora.rank * (in_dims + out_dims) * layers
     rows = 2 * training.batch_size  # chosen and rejected in one forward
     seq = training.max_seq_length // 2  # typical prompt plus answer
@@ -86,8 +87,6 @@ def describe_model(spec: str, compute: str = "auto") -> dict:
     loaded = load_model(spec, compute="quantized")
     model, config = loaded.model, loaded.config
     chosen = resolve_compute(compute, model)
-    if chosen == "quantized" and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-        chosen = "float16"
     template = loaded.tokenizer.chat_template if loaded.tokenizer.has_chat_template else None
     return {
         "model": spec,

@@ -53,23 +53,31 @@ def embedded_model_path(name: str) -> Path:
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """A Hub model's local snapshot: from the cache, else downloaded; one line when neither works."""
-    from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+    """A Hub model's local snapshot: from the cache first (no network), else downloaded by mlx-lm."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, _download
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
-    except Exception:
+    except (FileNotFoundError, HFValidationError):
         pass
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-    except Exception as error:
-        reason = " ".join(str(error).split())[:160] or error.__class__.__name__
-        raise UserError(
-            f"{repo_id} is neither in the local Hugging Face cache nor reachable ({reason}); "
-            f"download it on a connected machine with `hf download {repo_id}` or give a local path",
-            key="model.path",
-        ) from None
+        return _download(repo_id, revision=revision)
+    except GatedRepoError:
+        problem = "is gated on the Hub; accept its terms on huggingface.co, run `hf auth login`, then retry"
+    except RepositoryNotFoundError:
+        problem = "is not on the Hub (or is private); check the id, or run `hf auth login` for a private model"
+    except RevisionNotFoundError:
+        raise UserError(f"revision {revision!r} of {repo_id} does not exist on the Hub", key="model.revision") from None
+    except HFValidationError:
+        problem = "is not a valid Hub id (owner/name)"
+    except Exception:  # offline, DNS, proxy, timeouts, Hub down: all mean "not reachable"
+        problem = (
+            f"is neither in the local Hugging Face cache ({constants.HF_HUB_CACHE}) nor reachable; download it on a "
+            f"connected machine with `hf download {repo_id}` and copy the cache, or give a local path"
+        )
+    raise UserError(f"{repo_id} {problem}", key="model.path")
 
 
 def _load_directory(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
@@ -88,32 +96,34 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def resolve_compute(requested: str, model: nn.Module) -> str:
-    """What `auto` means here: quantized on a GPU, float32 on the CPU backend."""
+    """What `auto` means here: on a GPU (Metal, CUDA) the weights as stored, on the CPU backend float32."""
     if requested not in COMPUTE_CHOICES:
         raise UserError(f"expected one of {', '.join(COMPUTE_CHOICES)}, got {requested!r}", key="model.compute")
     if requested != "auto":
         return requested
-    if not is_quantized(model):
-        return "float32" if mx.default_device() == mx.cpu else "float16"
-    return "quantized" if mx.default_device() == mx.gpu else "float32"
+    return weights_kind(model) if mx.default_device() == mx.gpu else "float32"
 
 
 def apply_compute(model: nn.Module, compute: str) -> nn.Module:
     """Dequantize and cast the weights for `compute` ("quantized" leaves quantized layers as they are)."""
-    global _told_about_dequantizing
     if compute == "quantized":
         return model
     if is_quantized(model):
         model = dequantize_model(model)
-        if compute == "float32" and mx.default_device() == mx.cpu and not _told_about_dequantizing:
-            logger.info(
-                "CPU backend: dequantized the weights to float32 (quantized matmul is ~30x slower "
-                "on the CPU); set model.compute: quantized to keep them quantized"
-            )
-            _told_about_dequantizing = True
+    # Every float parameter (norms and biases too) gets the one compute dtype.
     model.set_dtype(getattr(mx, compute))
     mx.eval(model.parameters())
     return model
+
+
+def _say_once_why_cpu_dequantizes() -> None:
+    global _told_about_dequantizing
+    if not _told_about_dequantizing:
+        logger.info(
+            "CPU backend: dequantized the weights to float32 (quantized matmul is ~30x slower than "
+            "float32 with a fast BLAS on the CPU); set model.compute: quantized to keep them quantized"
+        )
+        _told_about_dequantizing = True
 
 
 def load_model(spec: str, *, compute: str = "auto", revision: str | None = None) -> LoadedModel:
@@ -134,7 +144,10 @@ def load_model(spec: str, *, compute: str = "auto", revision: str | None = None)
             f"not found: {spec}; give 'smollm2-135m', a .gguf file, an mlx-lm model directory or a Hub id (owner/name)",
             key="model.path",
         )
-    model = apply_compute(model, resolve_compute(compute, model))
+    chosen = resolve_compute(compute, model)
+    if compute == "auto" and chosen == "float32" and is_quantized(model):
+        _say_once_why_cpu_dequantizes()
+    model = apply_compute(model, chosen)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=spec, compute=weights_kind(model))
 
 

@@ -4,7 +4,9 @@
 
 `reference` is an mlx-lm model holding the exact weights the file encodes (quantized
 tensors dequantized with gguf's own reference code), so a correct loader must give the
-same logits. Llama Q/K rows are permuted as llama.cpp's converter does.
+same logits. Llama Q/K rows are permuted as llama.cpp's converter does; with
+`llama3_rope=True` the file carries Llama 3's RoPE scaling as llama.cpp does, as a
+`rope_freqs` tensor of per-frequency factors.
 """
 
 import json
@@ -45,8 +47,34 @@ def _gguf_name(hf_name: str) -> str:
     return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[".".join(parts[:-1])] + "." + parts[-1]
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q4_0", embedding_qtype: str = "Q8_0", seed: int = 0):
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_factors(head_dim: int, base: float, scaling: dict) -> np.ndarray:
+    """convert_hf_to_gguf's rope_freqs for Llama 3: 1 for fast rotations, `factor` for slow ones, smooth between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_tiny_gguf(
+    path: Path, arch: str = "llama", qtype: str = "Q4_0", embedding_qtype: str = "Q8_0", seed: int = 0,
+    llama3_rope: bool = False, user_defined_tokens: tuple[str, ...] = (),
+):
     config = tiny_config(arch)
+    if llama3_rope:
+        config["rope_scaling"] = LLAMA3_ROPE
     module = {"llama": llama, "qwen2": qwen2}[arch]
     mx.random.seed(seed)
     source = module.Model(module.ModelArgs.from_dict(config))
@@ -60,7 +88,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q4_0", embedd
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
-    _add_tokenizer(writer)
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    _add_tokenizer(writer, user_defined_tokens)
+    if llama3_rope:
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, config["rope_theta"], LLAMA3_ROPE))
     exact = {}
     for name, weight in weights.items():
         is_matrix = weight.ndim == 2
@@ -94,7 +126,7 @@ def _unpermuted(weight: np.ndarray, name: str, config: dict) -> np.ndarray:
     return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, user_defined_tokens: tuple[str, ...]) -> None:
     tokenizer = tiny_hf_tokenizer()
     vocab = tokenizer.get_vocab()
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
@@ -105,7 +137,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_merges(merges)
-    writer.add_token_types([3 if t in specials else 1 for t in tokens])
+    writer.add_token_types([4 if t in user_defined_tokens else 3 if t in specials else 1 for t in tokens])
     writer.add_eos_token_id(vocab["<|im_end|>"])
     writer.add_pad_token_id(vocab["<|endoftext|>"])
     writer.add_add_bos_token(False)

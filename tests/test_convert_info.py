@@ -75,8 +75,11 @@ def test_info_on_the_embedded_gguf():
     assert "<|im_start|>" in text and "LoRA DPO" in text and "sampling" in text
 
 
-def test_info_json_counts_true_parameters_of_a_quantized_model(tiny_model_dirs):
-    float_info = describe_model(str(tiny_model_dirs[("llama", False)]))
-    quant_info = describe_model(str(tiny_model_dirs[("llama", True)]))
-    assert float_info["memory"]["parameters"] == quant_info["memory"]["parameters"]
-    assert quant_info["quantization"]["mlp"] == "4-bit g32"
+@pytest.mark.parametrize("bits", [4, 3])
+def test_info_counts_true_parameters_of_a_quantized_model(tiny_model_dirs, tmp_path, bits):
+    float_dir = tiny_model_dirs[("llama", False)]
+    float_info = describe_model(str(float_dir))
+    quant_info = describe_model(str(convert_model(str(float_dir), tmp_path / "q", quantize=bits, group_size=32)))
+    for key in ("parameters", "lora_parameters"):
+        assert float_info["memory"][key] == quant_info["memory"][key]
+    assert quant_info["quantization"]["mlp"] == f"{bits}-bit g32"

@@ -1,9 +1,12 @@
 """The loader: every source, the compute policy, and one-line errors."""
 
 import logging
+import shutil
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
+import huggingface_hub
 import mlx_lm
 import pytest
 from gguf_fixtures import write_tiny_gguf
@@ -36,10 +39,22 @@ def test_cpu_backend_dequantizes_to_float32_once_and_says_so(tiny_model_dirs, ca
     assert mx.abs(first.model(TOKENS) - kept.model(TOKENS)).max().item() < 1e-4
 
 
-def test_gpu_backend_keeps_quantized_weights(tiny_model_dirs, monkeypatch):
+def test_gpu_backend_keeps_weights_as_stored(tiny_model_dirs, monkeypatch):
+    quantized, _ = mlx_lm.load(str(tiny_model_dirs[("qwen2", True)]))
+    half, _ = mlx_lm.load(str(tiny_model_dirs[("llama", False)]))
+    half.set_dtype(mx.float16)
+    assert loading.resolve_compute("auto", half) == "float32"
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    model, _ = mlx_lm.load(str(tiny_model_dirs[("qwen2", True)]))
-    assert loading.resolve_compute("auto", model) == "quantized"
+    assert loading.resolve_compute("auto", quantized) == "quantized"
+    assert loading.resolve_compute("auto", half) == "float16"
+
+
+def test_explicit_float32_is_not_announced(tiny_model_dirs, caplog, monkeypatch):
+    monkeypatch.setattr(loading, "_told_about_dequantizing", False)
+    with caplog.at_level(logging.INFO, logger="mipo_mlx"):
+        loaded = load_model(str(tiny_model_dirs[("qwen2", True)]), compute="float32")
+    assert loaded.compute == "float32"
+    assert not caplog.records
 
 
 def test_explicit_float16_is_honoured(tiny_model_dirs):
@@ -73,11 +88,28 @@ def test_directory_without_config_is_a_user_error(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_hub_id_loads_from_the_local_cache_offline(tmp_path, tiny_model_dirs, monkeypatch):
+    # The cache layout huggingface_hub writes: refs/main names the snapshot folder.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--tiny-owner--tiny-qwen2"
+    shutil.copytree(tiny_model_dirs[("qwen2", True)], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = load_model("tiny-owner/tiny-qwen2", compute="quantized")
+    reference, _ = mlx_lm.load(str(tiny_model_dirs[("qwen2", True)]))
+    assert loaded.source == "tiny-owner/tiny-qwen2" and loaded.compute == "quantized"
+    assert mx.array_equal(loaded.model(TOKENS), reference(TOKENS))
+
+
 def test_hub_id_neither_cached_nor_reachable_fails_fast_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="neither in the local Hugging Face cache nor reachable.*hf download") as error:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(UserError, match="neither in the local Hugging Face cache .* nor reachable.*hf download") as error:
         load_model("mlx-community/No-Such-Model-4bit")
+    assert time.monotonic() - started < 10
     assert "\n" not in str(error.value)
 
 
