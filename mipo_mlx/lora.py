@@ -2,11 +2,17 @@
 
     apply_lora(model, recipe.lora)                 # mlx-lm LoRALinear on the chosen layers
     with adapter_disabled(model): ...              # the base model, from the same weights
-    save_adapter(model, run_dir / "adapters", recipe.lora, base_model="smollm2-135m")
+    config = adapter_config(model, recipe.lora, "smollm2-135m", seed=0)
+    save_adapter(model, run_dir / "adapters", config)
     mlx_lm.load(base, adapter_path=run_dir / "adapters")
 
+The base may be quantized (QLoRA: mlx-lm wraps QuantizedLinear the same way) or float;
+only lora_a and lora_b are trainable. lora_b starts at zero, so a fresh adapter is the
+base model exactly, which the trainer's first-step check relies on.
+
 `scale` is mlx-lm's: the update is `scale * (x @ lora_a) @ lora_b`, not divided by the
-rank. PEFT's `lora_alpha / r` plays the same role, so PEFT's lora_alpha = scale * rank.
+rank. PEFT computes `(lora_alpha / r) * (x @ A.T) @ B.T`, so the same adapter in PEFT
+has lora_alpha = scale * rank (mlx-lm's scale 20 at rank 8 is PEFT's lora_alpha 160).
 """
 
 import contextlib
@@ -22,12 +28,20 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from mipo_mlx.errors import UserError
+
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def num_lora_layers(model: nn.Module, requested: int) -> int:
+    """How many of the last layers get LoRA (-1: all of them)."""
     return len(model.model.layers) if requested == -1 else min(requested, len(model.model.layers))
+
+
+def lora_parameters(lora) -> dict:
+    """The recipe's LoRA settings as mlx-lm names them (linear_to_lora_layers, adapter_config.json)."""
+    return {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": list(lora.keys)}
 
 
 def adapter_config(model: nn.Module, lora, base_model: str, **provenance) -> dict:
@@ -35,23 +49,27 @@ def adapter_config(model: nn.Module, lora, base_model: str, **provenance) -> dic
     return {
         "fine_tune_type": "lora",
         "num_layers": num_lora_layers(model, lora.num_layers),
-        "lora_parameters": {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": list(lora.keys)},
+        "lora_parameters": lora_parameters(lora),
         "model": base_model,
         "mipo": provenance,
     }
 
 
 def apply_lora(model: nn.Module, lora) -> nn.Module:
-    """Freeze the base and wrap the recipe's modules in mlx-lm LoRA layers (lora_b starts at zero)."""
+    """Freeze the base and wrap the recipe's modules in mlx-lm LoRA layers (lora_b starts at zero).
+
+    The model comes back in eval mode (no dropout), like a loaded one; training calls model.train().
+    """
     model.freeze()
-    parameters = {"rank": lora.rank, "scale": lora.scale, "dropout": lora.dropout, "keys": list(lora.keys)}
-    linear_to_lora_layers(model, num_lora_layers(model, lora.num_layers), parameters)
+    linear_to_lora_layers(model, num_lora_layers(model, lora.num_layers), lora_parameters(lora))
     if not lora_layers(model):
-        raise ValueError(f"no module matched lora.keys {list(lora.keys)}")
-    return model
+        raise UserError(f"no linear layer matched {list(lora.keys)}; use module paths inside a layer such as "
+                        "self_attn.q_proj or mlp.down_proj", key="lora.keys")
+    return model.eval()
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    """The model's LoRA layers (none before apply_lora or load_adapter)."""
     return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -99,10 +117,14 @@ def adapter_files(model: nn.Module, config: dict) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config: dict) -> Path:
+    """adapters.safetensors + adapter_config.json (from adapter_config) in `directory`, atomically."""
     write_atomically(Path(directory), adapter_files(model, config))
     return Path(directory)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Wrap `model` with the adapter saved in `directory` (mlx-lm's loader)."""
-    return load_adapters(model, str(directory))
+    """Wrap `model` with the adapter saved in `directory` (mlx-lm's loader), in eval mode."""
+    try:
+        return load_adapters(model, str(directory)).eval()
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"cannot load this adapter for this model: {error}", file=str(directory)) from None

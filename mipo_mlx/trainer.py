@@ -12,13 +12,20 @@ Self-checks stop a run that would learn nothing: the first loss must equal the l
 policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
 non-zero gradient and change the adapter; a NaN or infinite loss or gradient stops the
 run, keeping the last good checkpoint. Checkpoints (adapter, optimizer state, data
-position) are written atomically; `--resume` continues the exact trajectory.
+position, a fingerprint of the training pairs) are written atomically; `--resume`
+continues the exact trajectory: batch order and dropout noise are functions of the
+recipe's seed and the step, so the RNG state is (seed, step). Ctrl+C (the TUI's stop
+button sends SIGINT) finishes the current step, saves a checkpoint and stops; a second
+Ctrl+C stops at once, keeping the last checkpoint.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,11 +41,15 @@ from mipo_mlx.chat import encode_answer
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import derived_seed
-from mipo_mlx.lora import adapter_config, adapter_disabled, adapter_files, apply_lora, lora_layers, save_adapter, write_atomically
+from mipo_mlx.lora import (
+    ADAPTER_WEIGHTS, adapter_config, adapter_disabled, adapter_files, apply_lora, lora_layers, save_adapter,
+    write_atomically,
+)
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
 from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 ADAPTERS_DIR, CHECKPOINTS_DIR = "adapters", "checkpoints"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
 INITIAL_LOSS_TOLERANCE = 1e-4
 
 
@@ -125,12 +136,19 @@ def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
 
 
 def collate(examples: list[Example], indices: list[int], pad_id: int):
-    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, T-1), refs (B,), answer lengths (2B,)."""
-    chosen = [examples[i].chosen for i in indices]
-    rejected = [examples[i].rejected for i in indices]
-    tokens, mask = pad_batch([c[0] for c in chosen + rejected], [c[1] for c in chosen + rejected], pad_id)
+    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, T-1), refs (B, 2), real tokens (an int)."""
+    rows = [examples[i].chosen for i in indices] + [examples[i].rejected for i in indices]
+    tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
-    return tokens, mask, refs
+    return tokens, mask, refs, sum(len(ids) for ids, _ in rows)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 of the training tokens and reference log-probs: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.chosen, e.rejected, e.ref_chosen, e.ref_rejected]).encode())
+    return digest.hexdigest()
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
@@ -158,8 +176,20 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def checkpointed_layers(layer: nn.Module):
+    """mlx-lm's gradient checkpointing, which patches the layer's class, undone on exit."""
+    cls = type(layer)
+    original = cls.__call__
+    grad_checkpoint(layer)
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
 class Trainer:
-    def __init__(self, run, model, tokenizer, train: list[Example], held_out: list[Example]):
+    def __init__(self, run, model, tokenizer, train: list[Example], held_out: list[Example], provenance: dict):
         self.run, self.model, self.tokenizer = run, model, tokenizer
         self.training = run.recipe.training
         self.train_examples, self.held_out = train, held_out
@@ -174,7 +204,8 @@ class Trainer:
             betas=list(self.training.adam_betas), weight_decay=self.training.weight_decay,
         )
         self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
-        self.config = adapter_config(model, run.recipe.lora, run.recipe.model.path, training=vars(self.training))
+        self.stop_requested = False
+        self.config = adapter_config(model, run.recipe.lora, run.recipe.model.path, **provenance)
         self._compile()
 
     def _compile(self):
@@ -210,29 +241,30 @@ class Trainer:
         self.optimizer.update(self.model, clipped)
         return norm
 
-    def next_micro_batch(self) -> list[int]:
-        order = epoch_order(len(self.batches), self.run.recipe.seed, self.epoch)
-        indices = self.batches[order[self.position]]
-        self.position += 1
-        if self.position == len(self.batches):
-            self.epoch, self.position = self.epoch + 1, 0
-        return indices
+    def next_micro_batches(self) -> tuple[list[list[int]], tuple[int, int]]:
+        """The next step's micro-batches and the data cursor (epoch, position) after them."""
+        epoch, position, batches = self.epoch, self.position, []
+        for _ in range(self.training.grad_accumulation):
+            batches.append(self.batches[epoch_order(len(self.batches), self.run.recipe.seed, epoch)[position]])
+            epoch, position = (epoch + 1, 0) if position + 1 == len(self.batches) else (epoch, position + 1)
+        return batches, (epoch, position)
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accumulation micro-batches; metrics averaged over them."""
         accumulated, sums, tokens_seen = None, {}, 0
         # Dropout noise depends on the step alone, so a resumed run repeats it exactly.
         mx.random.seed(derived_seed(self.run.recipe.seed, "step", self.step))
-        for _ in range(self.training.grad_accumulation):
-            tokens, mask, refs = collate(self.train_examples, self.next_micro_batch(), self.pad_id)
+        batches, cursor = self.next_micro_batches()
+        for indices in batches:
+            tokens, mask, refs, real_tokens = collate(self.train_examples, indices, self.pad_id)
             metrics, grads = self._grad_step(tokens, mask, refs)
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
-            tokens_seen += tokens.size
-        n = self.training.grad_accumulation
+            tokens_seen += real_tokens
+        n = len(batches)
         grad_norm = self._update(tree_map(lambda g: g / n, accumulated))
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm, sums)
-        self.step += 1
+        self.step, (self.epoch, self.position) = self.step + 1, cursor
         result = {k: v.item() / n for k, v in sums.items()}
         result.update(grad_norm=grad_norm.item(), learning_rate=self.optimizer.learning_rate.item(), tokens=tokens_seen)
         return result
@@ -240,30 +272,37 @@ class Trainer:
     def evaluate(self) -> dict:
         sums, count = {}, 0
         for indices in make_batches(self.held_out, self.training.batch_size):
-            tokens, mask, refs = collate(self.held_out, indices, self.pad_id)
+            tokens, mask, refs, _ = collate(self.held_out, indices, self.pad_id)
             _, metrics = self._loss(self.model, tokens, mask, refs)
             sums = {k: sums.get(k, 0) + v.item() * len(indices) for k, v in metrics.items()}
             count += len(indices)
         return {k: v / count for k, v in sums.items()}
 
+    def checkpoint_dir(self) -> Path:
+        return self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}"
+
     def save_checkpoint(self) -> Path:
-        directory = self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}"
+        directory = self.checkpoint_dir()
         optimizer_state = dict(tree_flatten(self.optimizer.state))
-        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps}
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
+                 "seed": self.run.recipe.seed, "data_sha256": fingerprint(self.train_examples)}
         files = adapter_files(self.model, self.config)
-        files["optimizer.safetensors"] = lambda path: mx.save_safetensors(str(path), optimizer_state)
-        files["state.json"] = lambda path: path.write_text(json.dumps(state))
+        files[OPTIMIZER_FILE] = lambda path: mx.save_safetensors(str(path), optimizer_state)
+        files[STATE_FILE] = lambda path: path.write_text(json.dumps(state))
         write_atomically(directory, files)
         self.run.events.emit("checkpoint_saved", step=self.step, path=str(directory),
-                             sha256=sha256_of(directory / "adapters.safetensors"))
+                             sha256=sha256_of(directory / ADAPTER_WEIGHTS))
         return directory
 
     def restore(self, directory: Path) -> None:
-        self.model.load_weights(str(directory / "adapters.safetensors"), strict=False)
-        saved = mx.load(str(directory / "optimizer.safetensors"))
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state["data_sha256"] != fingerprint(self.train_examples):
+            raise UserError(f"{self.run.path(PAIRS_FILE)} changed since {directory}; the run cannot continue "
+                            "exactly: start a new run with --set run_name=NEW", key="--resume")
+        self.model.load_weights(str(directory / ADAPTER_WEIGHTS), strict=False)
+        saved = mx.load(str(directory / OPTIMIZER_FILE))
         self.optimizer.state = tree_unflatten(list(saved.items()))
         self._compile()  # the compiled update must capture the new state dict
-        state = json.loads((directory / "state.json").read_text())
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -273,8 +312,9 @@ class Trainer:
         dpo_loss = metrics["loss"] - t.nll_weight * metrics.get("nll_loss", 0.0)
         if abs(dpo_loss - expected) > INITIAL_LOSS_TOLERANCE:
             raise TrainingStopped(
-                f"first loss {dpo_loss:.6f} is not {expected:.6f} (policy == reference): the stored reference "
-                "log-probs do not match this model and tokenizer; sample the pairs again with this model"
+                f"first loss {dpo_loss:.6f} is not {expected:.6f} (policy == reference): either the adapter "
+                "does not start at zero or the stored reference log-probs do not match this model and "
+                "tokenizer; sample the pairs again with this model"
             )
         if not metrics["grad_norm"] > 0:
             raise TrainingStopped("the first gradient is zero: nothing would be learned; check lora.keys and the data")
@@ -282,14 +322,43 @@ class Trainer:
         if all(mx.array_equal(before[k], after[k]).item() for k in before):
             raise TrainingStopped("the first update left the adapter unchanged; check training.learning_rate")
 
+    @contextlib.contextmanager
+    def stop_after_step_on_sigint(self):
+        """Ctrl+C asks for a stop at the end of the current step; a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def report(self, window: list[dict], seconds: float, started: float, first_step: int) -> None:
+        events = self.run.events
+        metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
+        tokens_per_second = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
+        metrics.update(tokens_per_second=tokens_per_second, peak_memory_gb=mx.get_peak_memory() / 1e9)
+        events.emit("metrics", stage="train", split="train", step=self.step, epoch=self.epoch, **metrics)
+        steps_per_second = (self.step - first_step) / max(time.time() - started, 1e-9)
+        events.emit("progress", stage="train", done=self.step, total=self.total_steps, unit="steps",
+                    rate=steps_per_second, tokens_per_second=tokens_per_second,
+                    eta_seconds=(self.total_steps - self.step) / steps_per_second)
+
     def fit(self) -> dict:
         t, events = self.training, self.run.events
         events.emit("stage_started", stage="train", total=self.total_steps, unit="steps")
-        started, window, window_tokens, window_start = time.time(), [], 0, time.time()
-        fresh = self.step == 0
-        try:
+        started, first_step, window, window_start = time.time(), self.step, [], time.time()
+        with self.stop_after_step_on_sigint():
             while self.step < self.total_steps:
-                before = dict(tree_flatten(self.model.trainable_parameters())) if fresh and self.step == 0 else None
+                before = dict(tree_flatten(self.model.trainable_parameters())) if self.step == first_step == 0 else None
                 self.model.train()
                 metrics = self.train_step()
                 if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
@@ -301,31 +370,35 @@ class Trainer:
                 if before is not None:
                     self.check_first_step(metrics, before)
                 window.append(metrics)
-                window_tokens += metrics.pop("tokens")
                 if self.step % t.report_every == 0 or self.step == self.total_steps:
-                    report = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
-                    seconds = time.time() - window_start
-                    report.update(tokens_per_second=window_tokens / max(seconds, 1e-9), peak_memory_gb=mx.get_peak_memory() / 1e9)
-                    events.emit("metrics", stage="train", split="train", step=self.step, epoch=self.epoch, **report)
-                    elapsed = time.time() - started
-                    events.emit("progress", stage="train", done=self.step, total=self.total_steps, unit="steps",
-                                rate=self.step / elapsed, tokens_per_second=report["tokens_per_second"],
-                                eta_seconds=elapsed / self.step * (self.total_steps - self.step) if fresh else None)
-                    window, window_tokens, window_start = [], 0, time.time()
+                    self.report(window, time.time() - window_start, started, first_step)
+                    window = []
                 if self.held_out and (self.step % t.eval_every == 0 or self.step == self.total_steps):
                     self.model.eval()
                     events.emit("metrics", stage="train", split="eval", step=self.step, epoch=self.epoch, **self.evaluate())
-                if self.step % t.save_every == 0 or self.step == self.total_steps:
+                stopping = self.stop_requested and self.step < self.total_steps
+                if self.step % t.save_every == 0 or self.step == self.total_steps or stopping:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            if self.step and not latest_checkpoint(self.run.dir) == self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}":
-                self.save_checkpoint()
-            raise
+                if stopping:
+                    events.emit("note", level="info", text=f"stopped; checkpoint {self.checkpoint_dir()}")
+                    raise KeyboardInterrupt
+                if not window:  # evaluation and checkpoints do not count against the training speed
+                    window_start = time.time()
         self.model.eval()
         save_adapter(self.model, self.run.path(ADAPTERS_DIR), self.config)
         summary = {"steps": self.step, "train_pairs": len(self.train_examples), "eval_pairs": len(self.held_out)}
         events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
         return summary
+
+
+def provenance(run, loaded) -> dict:
+    """What adapter_config.json records besides mlx-lm's keys: where the adapter came from."""
+    template = loaded.tokenizer.chat_template or ""
+    return {
+        "revision": run.recipe.model.revision, "compute": loaded.compute, "seed": run.recipe.seed,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "sampling": vars(run.recipe.sampling), "training": vars(run.recipe.training),
+    }
 
 
 def run_stage(run) -> dict:
@@ -335,8 +408,6 @@ def run_stage(run) -> dict:
     if not lora_layers(model):
         mx.random.seed(derived_seed(recipe.seed, "lora"))
         apply_lora(model, recipe.lora)
-    if recipe.training.grad_checkpoint:
-        grad_checkpoint(model.model.layers[0])
     examples = build_examples(read_pairs(run.path(PAIRS_FILE)), model, tokenizer, recipe.training.max_seq_length)
     train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
     if len(train) < recipe.training.batch_size:
@@ -344,11 +415,13 @@ def run_stage(run) -> dict:
             f"{len(train)} training pairs is fewer than training.batch_size {recipe.training.batch_size}; "
             "sample more prompts or lower the batch size", key="training.batch_size",
         )
-    trainer = Trainer(run, model, tokenizer, train, held_out)
+    trainer = Trainer(run, model, tokenizer, train, held_out, provenance(run, loaded))
     checkpoint = latest_checkpoint(run.dir) if run.resumed else None
     if checkpoint:
         trainer.restore(checkpoint)
+    checkpointing = recipe.training.grad_checkpoint
     try:
-        return trainer.fit()
+        with checkpointed_layers(model.model.layers[0]) if checkpointing else contextlib.nullcontext():
+            return trainer.fit()
     except TrainingStopped as error:
         raise UserError(str(error), key="training") from None

@@ -1,16 +1,22 @@
-"""LoRA DPO: the losses against numpy, accumulation, exact resume, self-checks, mlx-lm loading."""
+"""The train stage on tiny models: accumulation, exact resume, self-checks, mlx-lm loading.
+
+    .venv/bin/python -m pytest tests/test_trainer.py -q
+
+The loss formulas themselves are checked against numpy in test_dpo.py.
+"""
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mipo_mlx import trainer as trainer_module
-from mipo_mlx.dpo import dpo_losses, dpo_metrics
 from mipo_mlx.errors import UserError
 from mipo_mlx.events import read_events
 from mipo_mlx.pipeline import open_run, run_stages
@@ -26,34 +32,6 @@ PAIRS = [
     ("What game can we play?", "I have two kids.", "Hide and seek with the kids.", "Chess."),
     ("How do I relax?", "I love the sea.", "Walk by the sea.", "Read a book."),
 ]
-
-
-def numpy_dpo(pc, pr, rc, rr, beta, loss_type, smoothing, nc, nr):
-    logsig = lambda x: -np.log1p(np.exp(-x))
-    if loss_type == "ipo":
-        pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
-    h = (pc - rc) - (pr - rr)
-    losses = {
-        "sigmoid": -logsig(beta * h) * (1 - smoothing) - logsig(-beta * h) * smoothing,
-        "robust": (-logsig(beta * h) * (1 - smoothing) + logsig(-beta * h) * smoothing) / (1 - 2 * smoothing),
-        "hinge": np.maximum(0, 1 - beta * h),
-        "ipo": (h - 1 / (2 * beta)) ** 2,
-    }[loss_type]
-    return losses, beta * (pc - rc), beta * (pr - rr)
-
-
-@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
-def test_losses_and_rewards_match_numpy(loss_type, smoothing):
-    rng = np.random.default_rng(0)
-    pc, pr, rc, rr = (rng.normal(-30, 5, 16) for _ in range(4))
-    nc, nr = rng.integers(5, 40, 16).astype(float), rng.integers(5, 40, 16).astype(float)
-    losses, chosen, rejected = dpo_losses(*(mx.array(v) for v in (pc, pr, rc, rr)), 0.1, loss_type, smoothing, mx.array(nc), mx.array(nr))
-    expected = numpy_dpo(pc, pr, rc, rr, 0.1, loss_type, smoothing, nc, nr)
-    for ours, theirs in zip((losses, chosen, rejected), expected):
-        assert np.allclose(np.array(ours), theirs, atol=1e-5)
-    metrics = dpo_metrics(losses, chosen, rejected, mx.array(pc), mx.array(pr))
-    assert metrics["rewards/accuracies"].item() == pytest.approx(np.mean(expected[1] > expected[2]))
-    assert metrics["rewards/margins"].item() == pytest.approx(np.mean(expected[1] - expected[2]), abs=1e-5)
 
 
 def write_pairs(path, with_reference=False, count=len(PAIRS)):
@@ -98,6 +76,10 @@ def test_trains_and_the_adapter_loads_in_mlx_lm_and_changes_answers(tmp_path, ti
     assert any(e["event"] == "metrics" and e["split"] == "eval" for e in events)
     assert summary["eval_pairs"] > 0
 
+    config = json.loads((run.dir / "adapters" / "adapter_config.json").read_text())
+    assert config["model"] == str(model_dir) and config["mipo"]["training"]["epochs"] == 6
+    assert len(config["mipo"]["chat_template_sha256"]) == 64
+
     base, tokenizer = mlx_lm.load(str(model_dir))
     adapted, _ = mlx_lm.load(str(model_dir), adapter_path=str(run.dir / "adapters"))
     prompt = tokenizer.apply_chat_template([{"role": "system", "content": "I live in Paris."},
@@ -118,35 +100,78 @@ def test_batch_two_equals_batch_one_with_accumulation_two(tmp_path, tiny_model_d
     assert max(mx.abs(a[k] - b[k]).max().item() for k in a) < 1e-5
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dirs):
+RESUME_SETTINGS = ("training.batch_size=2", "training.epochs=2", "training.save_every=3", "lora.dropout=0.1",
+                   "training.warmup_ratio=0.2")
+
+
+def interrupt_at(step: int, signals: int):
+    """Patch Trainer.train_step to send `signals` SIGINTs (ctrl+c, the TUI's stop) once it reaches `step`."""
+    real_step = trainer_module.Trainer.train_step
+
+    def signalled(self):
+        metrics = real_step(self)
+        if self.step == step:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    return signalled
+
+
+def stopped_run(tmp_path, model_dir, name, monkeypatch, *settings, signals=1):
+    """A run stopped by ctrl+c at step 4 (of 8)."""
+    run = train_run(tmp_path, model_dir, name, *RESUME_SETTINGS, *settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "train_step", interrupt_at(4, signals))
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(run, ["train"])
+    return run
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dirs, monkeypatch):
     model_dir = tiny_model_dirs[("llama", True)]
-    settings = ("training.batch_size=2", "training.epochs=2", "training.save_every=3", "lora.dropout=0.1",
-                "training.warmup_ratio=0.2")
-    straight = train_run(tmp_path, model_dir, "straight", *settings)
+    straight = train_run(tmp_path, model_dir, "straight", *RESUME_SETTINGS)
     run_stages(straight, ["train"])
     expected = losses_of(straight)
 
-    stopped = train_run(tmp_path, model_dir, "stopped", *settings)
-    real_step = trainer_module.Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    trainer_module.Trainer.train_step = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_stages(stopped, ["train"])
-    finally:
-        trainer_module.Trainer.train_step = real_step
+    stopped = stopped_run(tmp_path, model_dir, "stopped", monkeypatch)
     assert sorted(p.name for p in (stopped.dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
-    shutil.rmtree(stopped.dir / "checkpoints" / "step-000004")  # resume from the mid-run checkpoint at step 3
-    resumed = train_run(tmp_path, model_dir, "stopped", *settings, resume=True)
-    run_stages(resumed, ["train"])
-    got = losses_of(resumed)
+    events, _ = read_events(stopped.dir / "events.jsonl")
+    assert events[-1]["event"] == "run_finished" and events[-1]["status"] == "stopped"
+    assert not (stopped.dir / "adapters").exists()
+
+    run_stages(train_run(tmp_path, model_dir, "stopped", *RESUME_SETTINGS, resume=True), ["train"])
+    got = losses_of(stopped)
     assert set(got) == set(expected)
     assert max(abs(got[s] - expected[s]) for s in expected) < 1e-5
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dirs, monkeypatch):
+    model_dir, accumulate = tiny_model_dirs[("qwen2", False)], ("training.batch_size=1", "training.grad_accumulation=2")
+    straight = train_run(tmp_path, model_dir, "straight", *RESUME_SETTINGS, *accumulate)
+    run_stages(straight, ["train"])
+    expected = losses_of(straight)
+
+    stopped = stopped_run(tmp_path, model_dir, "stopped", monkeypatch, *accumulate)
+    shutil.rmtree(stopped.dir / "checkpoints" / "step-000004")
+    run_stages(train_run(tmp_path, model_dir, "stopped", *RESUME_SETTINGS, *accumulate, resume=True), ["train"])
+    got = losses_of(stopped)
+    assert set(got) == set(expected) and len(got) == 8
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-5
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path, tiny_model_dirs, monkeypatch):
+    run = stopped_run(tmp_path, tiny_model_dirs[("llama", False)], "forced", monkeypatch, signals=2)
+    assert sorted(p.name for p in (run.dir / "checkpoints").iterdir()) == ["step-000003"]
+
+
+def test_resume_refuses_pairs_that_changed_since_the_checkpoint(tmp_path, tiny_model_dirs):
+    model_dir = tiny_model_dirs[("llama", False)]
+    run = train_run(tmp_path, model_dir, "changed", "training.batch_size=2", "training.max_steps=2")
+    run_stages(run, ["train"])
+    write_pairs(run.dir / "pairs.jsonl", count=len(PAIRS) - 1)
+    with pytest.raises(UserError, match="pairs.jsonl changed since .*step-000002"):
+        run_stages(train_run(tmp_path, model_dir, "changed", "training.batch_size=2", "training.max_steps=2"), ["train"])
 
 
 def test_wrong_reference_logps_stop_the_first_step(tmp_path, tiny_model_dirs):
@@ -197,3 +222,38 @@ def test_pairs_without_reference_logps_are_scored_once_with_the_adapter_off(tmp_
     run = train_run(tmp_path, tiny_model_dirs[("qwen2", True)], "trl", "training.batch_size=2", "training.max_steps=1")
     run_stages(run, ["train"])
     assert losses_of(run)[1] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_an_adapter_that_does_not_start_at_zero_stops_the_first_step(tmp_path, tiny_model_dirs, monkeypatch):
+    real_apply_lora = trainer_module.apply_lora
+
+    def nonzero_lora(model, lora):
+        real_apply_lora(model, lora)
+        lora_b = [(k, mx.ones(v.shape) * 0.1) for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k]
+        return model.load_weights(lora_b, strict=False)
+
+    monkeypatch.setattr(trainer_module, "apply_lora", nonzero_lora)
+    run = train_run(tmp_path, tiny_model_dirs[("llama", True)], "nonzero", "training.batch_size=2")
+    with pytest.raises(UserError, match="the adapter does not start at zero"):
+        run_stages(run, ["train"])
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_is_undone_after(tmp_path, tiny_model_dirs):
+    model_dir = tiny_model_dirs[("llama", False)]
+    plain = train_run(tmp_path, model_dir, "plain", "training.batch_size=4", "training.max_steps=3")
+    run_stages(plain, ["train"])
+    layer_call = type(plain.loaded_model().model.model.layers[0]).__call__
+    checkpointed = train_run(tmp_path, model_dir, "ckpt", "training.batch_size=4", "training.max_steps=3",
+                             "training.grad_checkpoint=true")
+    run_stages(checkpointed, ["train"])
+    expected, got = losses_of(plain), losses_of(checkpointed)
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-5
+    assert type(checkpointed.loaded_model().model.model.layers[0]).__call__ is layer_call
+
+
+def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
+    ids = [f"p{i}" for i in range(400)]
+    held = {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=0)}
+    assert 60 < len(held) < 140
+    assert held == {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=0)}
+    assert held != {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=1)}
