@@ -1,0 +1,305 @@
+"""`mipo-mlx export RUN_DIR --to OUT`: a run's adapter as MLX, PEFT, fused and GGUF files, with a model card.
+
+    mipo-mlx export runs/quickstart --to exports/quickstart             # the recipe's export.formats
+    mipo-mlx export runs/quickstart --to out --format mlx peft fused gguf
+    mipo-mlx export runs/quickstart --to out --push me/smollm2-mipo      # then one commit to the Hub
+    mipo-mlx export runs/quickstart --to out --push me/smollm2-mipo --dry-run
+
+OUT is laid out as the Hub repository will be:
+
+    README.md                  model card: recipe, training curve, before/after, how to load
+    adapter_model.safetensors  PEFT adapter at the root: PeftModel.from_pretrained(base, REPO_ID)
+    adapter_config.json
+    mlx/                       mlx-lm adapter: mlx_lm.load(BASE, adapter_path="OUT/mlx")
+    fused/                     mlx-lm model with the adapter merged: mlx_lm.load("OUT/fused")
+    gguf/model.gguf            the fused model for llama.cpp
+    training_curve.svg, recipe.yaml
+
+Fusing merges the adapter into the dequantized base, which reproduces the adapted model.
+`--keep-quantized` merges into the quantized base and re-quantizes: smaller, but the
+outputs shift, so the log-prob drift is measured on the run's own pairs and printed.
+OUT is written in a temporary folder and renamed at the end: never half-written.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.gguf import convert_to_gguf, permute_weights, translate_weight_names
+from mlx_lm.utils import save_config, save_model
+from tokenizers import decoders
+
+from mipo_mlx.chat import encode_answer
+from mipo_mlx.errors import UserError
+from mipo_mlx.model_card import CardInputs, write_card
+from mipo_mlx.loading import EMBEDDED_MODELS, embedded_model_path, is_quantized, load_model
+from mipo_mlx.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
+from mipo_mlx.pipeline import RECIPE_FILE, Run, reopen_run
+from mipo_mlx.sampling import PAIRS_FILE
+from mipo_mlx.scoring import answer_logprobs, pad_batch
+from mipo_mlx.trainer import ADAPTERS_DIR, _as_messages, _as_text, read_pairs
+
+logger = logging.getLogger("mipo_mlx")
+FORMATS = ("mlx", "peft", "fused", "gguf")
+FORMAT_DIRS = {"mlx": "mlx", "fused": "fused", "gguf": "gguf"}  # PEFT sits at the root
+GGUF_FILE = "model.gguf"
+# The transformers checkpoint each embedded model was quantized from (PEFT's base).
+EMBEDDED_HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+MLX_GGUF_ARCHITECTURES = ("llama", "mistral", "mixtral")  # what mlx_lm.gguf writes
+GGUF_FILE_TYPES = {"float32": 0, "float16": 1}  # llama.cpp's general.file_type
+PROBE_PAIRS, PROBE_TOKENS = 4, 256
+PROBE_FALLBACK = ([{"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris.")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    formats: list[str]
+    base_model: str  # what PEFT users load (a Hub id when known)
+    drift: dict = field(default_factory=dict)  # format -> max |log p(fused) - log p(adapted)| per sequence, nats
+    files: list[Path] = field(default_factory=list)
+
+
+def base_gguf_path(model_path: str) -> Path | None:
+    """The GGUF file a run's base was read from, if any (its tokenizer metadata is reused)."""
+    if model_path in EMBEDDED_MODELS:
+        return embedded_model_path(model_path)
+    return Path(model_path).expanduser() if model_path.endswith(".gguf") else None
+
+
+def default_base_model(model_path: str, config: dict) -> str:
+    """The id PEFT users load the base with; a quantized or local base gets a warning."""
+    if model_path in EMBEDDED_HF_IDS:
+        return EMBEDDED_HF_IDS[model_path]
+    if config.get("quantization") or not _is_hub_id(model_path):
+        logger.warning(
+            f"PEFT's base_model_name_or_path is {model_path!r}, which transformers cannot load as a float model; "
+            "pass --base-model with the transformers checkpoint it came from (e.g. Qwen/Qwen2.5-1.5B-Instruct)"
+        )
+    return model_path
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def probe_batch(run_dir: Path, tokenizer) -> tuple[mx.array, mx.array]:
+    """A few of the run's own pairs (both answers) as scoring input: tokens (B, T), mask (B, T-1)."""
+    pairs = read_pairs(run_dir / PAIRS_FILE)[:PROBE_PAIRS] if (run_dir / PAIRS_FILE).is_file() else []
+    items = [(_as_messages(p["prompt"]), _as_text(p[side])) for p in pairs for side in ("chosen", "rejected")]
+    encoded = [encode_answer(tokenizer, messages, answer) for messages, answer in items or [PROBE_FALLBACK]]
+    return pad_batch([ids[:PROBE_TOKENS] for ids, _ in encoded], [start for _, start in encoded], tokenizer.pad_token_id or 0)
+
+
+def fuse_lora(model, dequantize: bool):
+    """Merge every LoRA layer into its base linear (mlx-lm's LoRALinear.fuse)."""
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    return model
+
+
+def _drift(model, probes, reference: mx.array) -> float:
+    return mx.abs(answer_logprobs(model, *probes) - reference).max().item()
+
+
+def write_model_dir(directory: Path, model, config: dict, tokenizer) -> None:
+    save_model(directory, model)
+    save_config(dict(config), directory / "config.json")
+    tokenizer.save_pretrained(directory)
+
+
+def gguf_tensors(model, config: dict, dtype) -> dict:
+    """The model's weights under llama.cpp's names, Llama Q/K rows permuted as llama.cpp expects."""
+    tensors = {}
+    for name, weight in tree_flatten(model.parameters()):
+        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
+            weight = permute_weights(weight, config["num_attention_heads"])
+        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
+            weight = permute_weights(weight, config["num_attention_heads"], config["num_key_value_heads"])
+        # llama.cpp keeps norms in float32 whatever the file type.
+        tensors[translate_weight_names(name)] = weight.astype(mx.float32 if "norm" in name else dtype)
+    return tensors
+
+
+def write_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None) -> None:
+    """A GGUF of the fused float model; a GGUF base lends its own tokenizer and chat template."""
+    dtype = mx.float32 if model.model.norm.weight.dtype == mx.float32 else mx.float16
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if source_gguf is not None:
+        source_tensors, metadata = mx.load(str(source_gguf), return_metadata=True)
+        tensors = gguf_tensors(model, config, dtype)
+        if "rope_freqs.weight" in source_tensors:  # Llama 3's RoPE factors are stored as a tensor
+            tensors["rope_freqs.weight"] = source_tensors["rope_freqs.weight"]
+        file_type = GGUF_FILE_TYPES[str(dtype).removeprefix("mlx.core.")]
+        metadata["general.file_type"] = mx.array(file_type, dtype=mx.uint32)
+        mx.save_gguf(str(path), tensors, metadata)
+        return
+    check_mlx_gguf_support(config, tokenizer)
+    with tempfile.TemporaryDirectory() as folder:
+        # mlx-lm's writer reads the vocabulary from a model folder's tokenizer files.
+        tokenizer.save_pretrained(folder)
+        convert_to_gguf(Path(folder), dict(tree_flatten(model.parameters())), config, str(path))
+
+
+def check_mlx_gguf_support(config: dict, tokenizer) -> None:
+    """mlx-lm's GGUF writer: its architectures, SentencePiece vocabularies only."""
+    arch = config["model_type"]
+    if arch not in MLX_GGUF_ARCHITECTURES:
+        raise UserError(
+            f"GGUF export of a {arch!r} model is not supported (mlx-lm writes {', '.join(MLX_GGUF_ARCHITECTURES)}); "
+            "export --format fused and convert OUT/fused with llama.cpp's convert_hf_to_gguf.py",
+            key="--format gguf",
+        )
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(getattr(backend, "decoder", None), decoders.ByteLevel):
+        raise UserError(
+            "mlx-lm's GGUF writer stores only SentencePiece vocabularies and this model's tokenizer is byte-level "
+            "BPE; export --format fused and convert OUT/fused with llama.cpp's convert_hf_to_gguf.py",
+            key="--format gguf",
+        )
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose a new folder or remove it", key="--to")
+
+
+def export_run(
+    run: Run,
+    out: str | Path,
+    formats: list[str],
+    *,
+    base_model: str | None = None,
+    keep_quantized: bool = False,
+    dtype: str | None = None,
+    repo_id: str | None = None,
+) -> ExportResult:
+    """Write the run's adapter in `formats` and a model card to OUT; see the module docstring."""
+    out = Path(out)
+    _check_out(out)
+    if keep_quantized and "fused" not in formats:
+        raise UserError("it applies to the fused model; add --format fused or drop the flag", key="--keep-quantized")
+    adapter_dir = run.path(ADAPTERS_DIR)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(
+            f"{adapter_dir} holds no trained adapter; finish the run first (mipo-mlx train RECIPE --resume)", key="RUN_DIR"
+        )
+    recipe, started = run.recipe, time.time()
+    source_gguf = base_gguf_path(recipe.model.path)
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    run.events.emit("stage_started", stage="export", total=len(formats), unit="formats")
+    loaded = load_model(recipe.model.path, compute=recipe.model.compute, revision=recipe.model.revision)
+    if "gguf" in formats and source_gguf is None:
+        check_mlx_gguf_support(loaded.config, loaded.tokenizer)  # before any slow work
+    result = ExportResult(out, list(formats), base_model or default_base_model(recipe.model.path, loaded.config))
+    license_ = mx.load(str(source_gguf), return_metadata=True)[1].get("general.license") if source_gguf else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copy(run.path(RECIPE_FILE), staging / RECIPE_FILE)
+        if "mlx" in formats:
+            (staging / "mlx").mkdir()
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                shutil.copy(adapter_dir / name, staging / "mlx" / name)
+        if "peft" in formats:
+            tensors, peft_config = peft_adapter(
+                mx.load(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_config, result.base_model,
+                loaded.config["num_hidden_layers"],
+            )
+            write_peft_adapter(staging, tensors, peft_config)
+        if "fused" in formats or "gguf" in formats:
+            _write_fused(staging, run, loaded, formats, keep_quantized, dtype, source_gguf, result)
+        write_card(staging, CardInputs(
+            run_dir=run.dir, recipe=recipe, formats=list(formats), base_model=result.base_model,
+            adapter_config=adapter_config, drift=result.drift, license=license_, repo_id=repo_id,
+        ))
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.files = sorted(p for p in out.rglob("*") if p.is_file())
+    run.events.emit("stage_finished", stage="export", seconds=time.time() - started, formats=list(formats),
+                    out=str(out), drift=result.drift)
+    run.events.close()
+    return result
+
+
+def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtype, source_gguf, result) -> None:
+    """Merge the adapter into the base for fused/ and gguf/, measuring the drift from the adapted model."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    float_config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
+    load_adapter(model, run.path(ADAPTERS_DIR))
+    probes = probe_batch(run.dir, tokenizer)
+    reference = answer_logprobs(model, *probes)  # (B,) the adapted model as trained
+    mx.eval(reference)
+    model = fuse_lora(model, dequantize=True)
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
+    result.drift["fused"] = _drift(model, probes, reference)
+    if "gguf" in formats:
+        write_gguf(staging / FORMAT_DIRS["gguf"] / GGUF_FILE, model, float_config, tokenizer, source_gguf)
+        result.drift["gguf"] = result.drift["fused"]  # the same weights, norms in float32
+    if "fused" not in formats:
+        return
+    if not keep_quantized:
+        write_model_dir(staging / FORMAT_DIRS["fused"], model, float_config, tokenizer)
+        return
+    del model  # one float copy at a time
+    quantized = load_model(run.recipe.model.path, compute="quantized", revision=run.recipe.model.revision)
+    if not is_quantized(quantized.model):
+        raise UserError("the base model is not quantized, so there is nothing to keep; drop --keep-quantized",
+                        key="--keep-quantized")
+    load_adapter(quantized.model, run.path(ADAPTERS_DIR))
+    requantized = fuse_lora(quantized.model, dequantize=False)
+    result.drift["fused"] = _drift(requantized, probes, reference)
+    write_model_dir(staging / FORMAT_DIRS["fused"], requantized, quantized.config, quantized.tokenizer)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="A run directory with a trained adapter, e.g. runs/quickstart.")
+    parser.add_argument("--to", dest="out", required=True, metavar="OUT", help="New folder to write the export to.")
+    parser.add_argument("--format", dest="formats", nargs="+", choices=FORMATS, metavar="FORMAT",
+                        help="Any of mlx, peft, fused, gguf (default: the recipe's export.formats).")
+    parser.add_argument("--base-model", metavar="HF_ID",
+                        help="The transformers model PEFT loads the adapter onto (default: the run's model, "
+                             "HuggingFaceTB/SmolLM2-135M-Instruct for smollm2-135m).")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="Fuse into the quantized base and re-quantize: smaller, but outputs shift (measured).")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="Float type of the fused and GGUF weights (default: the run's compute type).")
+    parser.add_argument("--push", metavar="REPO_ID", help="Upload OUT to this Hub repository in one commit.")
+    parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                        help="Create the Hub repository as private (default: the recipe's export.private).")
+    parser.add_argument("--dry-run", action="store_true", help="With --push: list what would be uploaded, upload nothing.")
+
+
+def run(args) -> int:
+    from mipo_mlx.hub import push_folder
+
+    finished = reopen_run(Path(args.run_dir))
+    recipe = finished.recipe
+    formats = list(dict.fromkeys(args.formats or recipe.export.formats))
+    repo_id = args.push or recipe.export.repo_id
+    private = recipe.export.private if args.private is None else args.private
+    if args.dry_run and not repo_id:
+        raise UserError("--dry-run lists what --push would upload; add --push REPO_ID", key="--dry-run")
+    result = export_run(finished, args.out, formats, base_model=args.base_model,
+                        keep_quantized=args.keep_quantized, dtype=args.dtype, repo_id=repo_id)
+    print(f"wrote {result.out} ({', '.join(result.formats)}); PEFT base: {result.base_model}")
+    for name, drift in result.drift.items():
+        print(f"{name}: sequence log-probs within {drift:.2e} nats of the adapted model")
+    if repo_id:
+        push_folder(result.out, repo_id, private=private, dry_run=args.dry_run)
+    return 0

@@ -1,0 +1,134 @@
+"""Push an export folder to the Hugging Face Hub in one commit (`mipo-mlx export ... --push REPO_ID`).
+
+    push_folder(Path("exports/quickstart"), "me/smollm2-mipo", private=True)
+    push_folder(Path("exports/quickstart"), "me/smollm2-mipo", private=True, dry_run=True)  # list only
+
+The token comes from where huggingface_hub looks (HF_TOKEN, then the cached `hf auth
+login`); it goes only into request headers, never into output, logs or files. The
+repository is created when missing; every file goes up in a single commit, so a failure
+leaves the repository as it was (and a repository created by this push is deleted again).
+A missing token, a rejected token, no write permission, no network and a name clash each
+end in one line that says what to do. HF_ENDPOINT (read when the push starts) points at
+another Hub, such as a local test server.
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from mipo_mlx.errors import UserError
+
+try:  # huggingface_hub 2 talks through httpx2, 1.x through httpx
+    from httpx2 import TransportError
+except ImportError:
+    from httpx import TransportError
+
+# Tag every mipo-mlx card carries: a repository with it may be updated, one without is someone else's work.
+EXPORT_TAG = "mipo"
+KEY = "--push"
+
+
+def upload_plan(folder: Path) -> list[tuple[str, Path]]:
+    """(path in the repository, local file) for every file under `folder`."""
+    return [(path.relative_to(folder).as_posix(), path) for path in sorted(folder.rglob("*")) if path.is_file()]
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, endpoint: str):
+    """Turn what the Hub or the network answers into one UserError line; the token never appears."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(_explain(error, repo_id, endpoint), key=KEY) from None
+
+
+def _explain(error: BaseException, repo_id: str, endpoint: str) -> str:
+    # Upload failures arrive wrapped (RuntimeError from the LFS threads): look down the chain.
+    cause = error
+    while cause is not None and not isinstance(cause, (HfHubHTTPError, TransportError, OfflineModeIsEnabled)):
+        cause = cause.__cause__ or cause.__context__
+    nothing = "nothing was uploaded"
+    if isinstance(cause, (TransportError, OfflineModeIsEnabled)):
+        return f"cannot reach {endpoint} ({type(cause).__name__}); check the network or HF_ENDPOINT; {nothing}"
+    if cause is None:
+        return f"the push failed ({type(error).__name__}: {' '.join(str(error).split())[:160]}); {nothing}"
+    status = cause.response.status_code if cause.response is not None else None
+    namespace = repo_id.split("/")[0]
+    if status == 401:
+        return f"the Hugging Face token was rejected (401); run `hf auth login` again or set a valid HF_TOKEN; {nothing}"
+    if status == 403:
+        return (f"your token cannot write to {namespace} (403); use a token with write access, or a repository "
+                f"under your own name; {nothing}")
+    if status == 409:
+        return f"{repo_id} already exists and cannot be used (409); choose another name; {nothing}"
+    reason = " ".join(str(getattr(cause, "server_message", "") or "").split())[:160]
+    return f"the Hub answered {status}{f' ({reason})' if reason else ''}; {nothing}"
+
+
+def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> bool:
+    """Create the model repository when missing (True if created); refuse one that is not a mipo-mlx export."""
+    try:
+        info = api.model_info(repo_id)
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, private=private, exist_ok=False)
+        return True
+    tags = info.tags or []
+    files = [s.rfilename for s in info.siblings or [] if s.rfilename != ".gitattributes"]
+    if files and EXPORT_TAG not in tags:
+        raise UserError(
+            f"{repo_id} already exists and holds something that is not a mipo-mlx export; push to a new name",
+            key=KEY,
+        )
+    return False
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = False,
+                message: str = "Upload mipo-mlx export") -> str | None:
+    """Upload every file of `folder` to `repo_id` in one commit; return the commit URL (None on a dry run)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{repo_id!r} is not a Hub repository id; expected OWNER/NAME", key=KEY) from None
+    if repo_id.count("/") != 1:
+        raise UserError(f"{repo_id!r} has no owner; expected OWNER/NAME such as your-name/smollm2-mipo", key=KEY)
+    plan = upload_plan(folder)
+    token = get_token()
+    if dry_run:
+        total = sum(path.stat().st_size for _, path in plan)
+        print(f"dry run: would upload {len(plan)} files ({_size(total)}) to {repo_id} in one commit, "
+              f"creating it as {'private' if private else 'public'} if missing; token "
+              f"{'found' if token else 'NOT found (run `hf auth login` or set HF_TOKEN)'}")
+        for name, path in plan:
+            print(f"  {name}  {_size(path.stat().st_size)}")
+        return None
+    if not token:
+        raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN; nothing was uploaded", key=KEY)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    with hub_errors(repo_id, api.endpoint):
+        api.whoami()
+        created = _ensure_repo(api, repo_id, private)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan]
+    try:
+        with hub_errors(repo_id, api.endpoint):
+            commit = api.create_commit(repo_id, operations, commit_message=message)
+    except UserError:
+        if created:
+            # The commit failed as a whole; the empty repository made for it goes too.
+            with contextlib.suppress(Exception):
+                api.delete_repo(repo_id)
+        raise
+    print(f"pushed {len(plan)} files to {api.endpoint}/{repo_id} in one commit ({commit.oid[:10]})")
+    return commit.commit_url

@@ -1,0 +1,140 @@
+"""`mipo-mlx export`: every format reloads and reproduces the adapted model; the card carries the run.
+
+    .venv/bin/python -m pytest tests/test_export.py -x -q
+"""
+
+import argparse
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+import yaml
+
+from export_runs import adapted_logprobs, logprobs_of, make_run
+from mipo_mlx import export
+from mipo_mlx.errors import UserError
+from mipo_mlx.export import export_run
+from mipo_mlx.gguf import load_gguf
+from mipo_mlx.loading import is_quantized
+from mipo_mlx.pipeline import reopen_run
+
+
+def parse_args(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_mlx_adapter_and_fused_model_reproduce_the_adapted_model(tmp_path):
+    run_dir = make_run(tmp_path, "llama")
+    reference = adapted_logprobs(run_dir)
+    out = tmp_path / "out"
+    result = export_run(reopen_run(run_dir), out, ["mlx", "fused"])
+
+    base_dir = tmp_path / "llama-base"
+    model, tokenizer = mlx_lm.load(str(base_dir), adapter_path=str(out / "mlx"))
+    np.testing.assert_allclose(logprobs_of(model, run_dir, tokenizer), reference, atol=1e-4)
+    fused, tokenizer = mlx_lm.load(str(out / "fused"))
+    np.testing.assert_allclose(logprobs_of(fused, run_dir, tokenizer), reference, atol=1e-3)
+    assert result.drift["fused"] < 1e-3
+    # Same greedy continuation from the fused model as from base + adapter.
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True)
+    greedy = lambda m: mlx_lm.generate(m, tokenizer, prompt, max_tokens=12)  # noqa: E731
+    assert greedy(fused) == greedy(model)
+    # The adapter changes the model: the base alone scores differently.
+    base, _ = mlx_lm.load(str(base_dir))
+    assert np.abs(logprobs_of(base, run_dir, tokenizer) - reference).max() > 0.1
+
+
+def test_fusing_into_a_quantized_base_dequantizes_unless_asked(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "llama", quantized=True)
+    reference = adapted_logprobs(run_dir)  # float32 compute on the CPU, as the run trained
+    args = parse_args(str(run_dir), "--to", str(tmp_path / "float"), "--format", "fused")
+    assert export.run(args) == 0
+    fused, tokenizer = mlx_lm.load(str(tmp_path / "float" / "fused"))
+    assert not is_quantized(fused)
+    np.testing.assert_allclose(logprobs_of(fused, run_dir, tokenizer), reference, atol=1e-3)
+
+    args = parse_args(str(run_dir), "--to", str(tmp_path / "q"), "--format", "fused", "--keep-quantized")
+    assert export.run(args) == 0
+    printed = capsys.readouterr().out
+    requantized, _ = mlx_lm.load(str(tmp_path / "q" / "fused"))
+    assert is_quantized(requantized)
+    drift = np.abs(logprobs_of(requantized, run_dir, tokenizer) - reference).max()
+    assert drift > 1e-3  # re-quantizing shifts outputs, which is why it is opt-in
+    assert f"fused: sequence log-probs within {drift:.2e}" in printed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_of_a_gguf_base_reloads_with_its_tokenizer(tmp_path, arch):
+    run_dir = make_run(tmp_path, arch, quantized=True, base="gguf")
+    reference = adapted_logprobs(run_dir)
+    export_run(reopen_run(run_dir), tmp_path / "out", ["gguf"])
+    model, tokenizer, config = load_gguf(tmp_path / "out" / "gguf" / "model.gguf")
+    assert config["model_type"] == arch and not is_quantized(model)
+    np.testing.assert_allclose(logprobs_of(model, run_dir, tokenizer), reference, atol=1e-3)
+    _, source_tokenizer, _ = load_gguf(tmp_path / f"{arch}.gguf")
+    assert tokenizer.chat_template == source_tokenizer.chat_template
+    assert tokenizer.encode("Bonjour, voici une idée") == source_tokenizer.encode("Bonjour, voici une idée")
+
+
+@pytest.mark.parametrize(("arch", "words"), [("qwen2", "'qwen2' model is not supported"), ("llama", "byte-level BPE")])
+def test_gguf_refusals_name_the_reason_and_write_nothing(tmp_path, arch, words):
+    run_dir = make_run(tmp_path, arch)
+    with pytest.raises(UserError, match=words) as caught:
+        export_run(reopen_run(run_dir), tmp_path / "out", ["mlx", "gguf"])
+    assert "convert_hf_to_gguf.py" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_card_front_matter_metrics_examples_and_curve(tmp_path):
+    run_dir = make_run(tmp_path, "llama", quantized=True, base="gguf")
+    export_run(reopen_run(run_dir), tmp_path / "out", ["mlx", "peft"], repo_id="me/tiny-mipo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and front["pipeline_tag"] == "text-generation"
+    assert front["tags"] == ["mlx", "mipo", "dpo", "lora"] and front["base_model_relation"] == "adapter"
+    assert "base_model" not in front  # a local file is not a Hub id
+    assert "| adherence/overall | 2 | 0.25 [0, 0.5] | 0.75 [0.5, 1] | +0.5 [0.25, 0.75] | 0.031 |" in card
+    assert "- after: Un gelato, grazie." in card
+    assert "| 8 | 0.0875 | 4 | 1 |" in card  # last training step of the curve table
+    assert 'PeftModel.from_pretrained(base, "me/tiny-mipo")' in card and "adapter_path=" in card
+    assert "fused/" not in card.split("## Training curve")[0].split("### PEFT")[1]
+    svg = (tmp_path / "out" / "training_curve.svg").read_text()
+    assert svg.count("<polyline") == 3 and "![training curve](training_curve.svg)" in card
+    assert "rank: 4" in card.split("## Recipe")[1]
+
+
+def test_export_needs_a_new_folder_and_a_trained_adapter(tmp_path):
+    run_dir = make_run(tmp_path, "llama")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        export.run(parse_args(str(run_dir), "--to", str(tmp_path / "taken")))
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="add --push REPO_ID"):
+        export.run(parse_args(str(run_dir), "--to", str(tmp_path / "o"), "--dry-run"))
+    with pytest.raises(UserError, match="add --format fused"):
+        export.run(parse_args(str(run_dir), "--to", str(tmp_path / "o"), "--keep-quantized"))
+    with pytest.raises(UserError, match="not quantized"):
+        export.run(parse_args(str(run_dir), "--to", str(tmp_path / "o"), "--format", "fused", "--keep-quantized"))
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (run_dir / "adapters" / name).unlink()
+    with pytest.raises(UserError, match="holds no trained adapter"):
+        export.run(parse_args(str(run_dir), "--to", str(tmp_path / "o")))
+    with pytest.raises(UserError, match="not a run directory"):
+        export.run(parse_args(str(tmp_path), "--to", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_formats_come_from_the_recipe(tmp_path):
+    run_dir = make_run(tmp_path, "llama")
+    assert export.run(parse_args(str(run_dir), "--to", str(tmp_path / "out"))) == 0
+    names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mlx/adapter_config.json",
+                     "mlx/adapters.safetensors", "recipe.yaml", "training_curve.svg"]
+    assert mx.load(str(tmp_path / "out" / "mlx" / "adapters.safetensors")).keys() == \
+        mx.load(str(run_dir / "adapters" / "adapters.safetensors")).keys()
