@@ -2,6 +2,7 @@
 
     mipo-mlx train recipes/quickstart.yaml          # sample, DPO, compare in one run dir
     mipo-mlx sample recipes/quickstart.yaml         # the pair sampling stage alone
+    mipo-mlx export runs/quickstart --to out       # MLX/PEFT adapter, fused model, model card
     mipo-mlx info smollm2-135m                      # what a model is and what it needs
     mipo-mlx convert smollm2-135m out/smollm2       # an mlx-lm model directory
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": ("mipo_mlx.pipeline", "Run a recipe: sample pairs, train the LoRA adapter with DPO, compare before and after."),
     "sample": ("mipo_mlx.pipeline", "Run only the MIPO pair sampling stage of a recipe."),
     "compare": ("mipo_mlx.compare", "Answer held-out prompts before and after training and report the metrics."),
+    "export": ("mipo_mlx.export", "Write a run's adapter as MLX, PEFT, fused or GGUF files with a model card; push to the Hub."),
     "convert": ("mipo_mlx.convert", "Write an mlx-lm model directory from a GGUF file, a Hub id or the embedded model."),
     "info": ("mipo_mlx.info", "Describe a model: architecture, size, quantization, chat template, memory needs."),
     "tui": ("mipo_mlx_tui.app", "Open the terminal UI on a run directory or a recipe."),
