@@ -12,6 +12,9 @@ size, a bootstrap 95% interval, and a paired permutation test of after vs before
   DPO reward margin and accuracy of the adapted model (zero before, by definition);
 - preference adherence (prompts whose stated preferences a program can check), overall
   and per preference kind;
+- accuracy on verifiable tasks (records with a gold answer): exact match of the final
+  number (math) or of the answer letter (multiple choice), asked in the paper's prompt
+  formats (mipo_mlx/answers.py: 8-shot chain of thought for math, zero-shot for choices);
 - answer length in tokens (DPO tends to lengthen answers) and Self-BLEU of the answers
   (lower is more diverse).
 """
@@ -24,53 +27,80 @@ from pathlib import Path
 
 import numpy as np
 
+from mipo_mlx.answers import formatted, is_correct, task_of
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
-from mipo_mlx.metrics import summarize
+from mipo_mlx.metrics import describe, summarize
 from mipo_mlx.preferences import check_all
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
 from mipo_mlx.trainer import ADAPTERS_DIR, is_held_out, read_pairs
 
 COMPARE_DIR = "compare"
+SIDES = ("base", "adapted")
+PROMPT_FORMATS = {
+    "math": "{shots}-shot chain of thought (the GSM8K exemplars of Wei et al. 2022), exact match of the final number",
+    "mc": "zero-shot, choices listed as 'A. ...', exact match of the letter after 'The answer is: X'",
+}
 
 
-def answer_both(model, tokenizer, records, settings: SamplerSettings, seed: int, batch_size: int):
-    """Base (adapter off) and adapted answers to the same prompts, same sampler and seed."""
+def answer_sides(model, tokenizer, records, settings: SamplerSettings, seed: int, batch_size: int,
+                 adapted: bool = True) -> dict:
+    """{"base": answers with the adapter off, "adapted": with it on}, same sampler and seed; base only without."""
     prompts = [encode_prompt(tokenizer, r.messages()) for r in records]
     with adapter_disabled(model):
-        base = generate_answers(model, tokenizer, prompts, settings, seed, batch_size)
-    adapted = generate_answers(model, tokenizer, prompts, settings, seed, batch_size)
-    return base, adapted
+        answers = {"base": generate_answers(model, tokenizer, prompts, settings, seed, batch_size)}
+    if adapted:
+        answers["adapted"] = generate_answers(model, tokenizer, prompts, settings, seed, batch_size)
+    return answers
 
 
-def score(records, base, adapted, samples: int, seed: int) -> tuple[list[dict], dict]:
+def per_side(values: dict, samples: int, seed: int) -> dict:
+    """Before/after with the paired test for two sides; n, mean and interval for one."""
+    if "adapted" in values:
+        return summarize(values["base"], values["adapted"], samples, seed)
+    return describe(values["base"], samples, seed)
+
+
+def whole_set(n: int, values: dict) -> dict:
+    """A statistic of the whole set per side (no interval): before/after, or the one value."""
+    if "adapted" in values:
+        return {"n": n, "before": values["base"], "after": values["adapted"]}
+    return {"n": n, "mean": values["base"]}
+
+
+def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], dict]:
+    """One row per prompt (answers, checks, tokens, correctness) and the metrics over the rows."""
+    sides = list(answers)
     rows, per_kind = [], {}
-    for record, b, a in zip(records, base, adapted):
+    for i, record in enumerate(records):
+        texts = {side: answers[side][i].text for side in sides}
         preferences = record.extras.get("preferences") or []
-        checks = {"base": check_all(preferences, b.text), "adapted": check_all(preferences, a.text)}
+        checks = {side: check_all(preferences, texts[side]) for side in sides}
         for kind in checks["base"]:
-            per_kind.setdefault(kind, ([], []))
-            per_kind[kind][0].append(checks["base"][kind])
-            per_kind[kind][1].append(checks["adapted"][kind])
-        rows.append({
-            "id": record.id, "prompt": record.messages(), "base": b.text, "adapted": a.text,
-            "reference": record.extras.get("reference"), "checks": checks,
-            "tokens": {"base": len(b.token_ids), "adapted": len(a.token_ids)},
-        })
+            per_kind.setdefault(kind, {side: [] for side in sides})
+            for side in sides:
+                per_kind[kind][side].append(checks[side][kind])
+        row = {"id": record.id, "prompt": record.messages(), **texts, "reference": record.extras.get("reference"),
+               "checks": checks, "tokens": {side: len(answers[side][i].token_ids) for side in sides}}
+        if task_of(record):
+            row["task"], row["gold"] = task_of(record), str(record.extras["gold"])
+            row["correct"] = {side: is_correct(record, texts[side]) for side in sides}
+        rows.append(row)
+    column = lambda subset, get: {side: [get(r, side) for r in subset] for side in sides}
+    metrics = {"answer_tokens": per_side(column(rows, lambda r, side: r["tokens"][side]), samples, seed)}
+    for task in sorted({r["task"] for r in rows if "task" in r}):
+        graded = [r for r in rows if r.get("task") == task]
+        metrics[f"accuracy/{task}"] = per_side(column(graded, lambda r, side: r["correct"][side]), samples, seed)
+    metrics["self_bleu"] = whole_set(len(rows), {side: self_bleu([r[side] for r in rows]) for side in sides})
     checked = [r for r in rows if r["checks"]["base"]]
-    metrics = {
-        "answer_tokens": summarize([r["tokens"]["base"] for r in rows], [r["tokens"]["adapted"] for r in rows], samples, seed),
-    }
-    bleu = {side: self_bleu([r[side] for r in rows]) for side in ("base", "adapted")}
-    metrics["self_bleu"] = {"n": len(rows), "before": bleu["base"], "after": bleu["adapted"]}
     if checked:
-        rate = lambda side: [np.mean(list(r["checks"][side].values())) for r in checked]
-        metrics["adherence/overall"] = summarize(rate("base"), rate("adapted"), samples, seed)
-        for kind, (before, after) in sorted(per_kind.items()):
-            metrics[f"adherence/{kind}"] = summarize(before, after, samples, seed)
+        metrics["adherence/overall"] = per_side(
+            column(checked, lambda r, side: np.mean(list(r["checks"][side].values()))), samples, seed)
+        for kind, values in sorted(per_kind.items()):
+            metrics[f"adherence/{kind}"] = per_side(values, samples, seed)
     return rows, metrics
 
 
@@ -117,24 +147,62 @@ def mutual_information(model, tokenizer, pairs: list[dict], beta: float, samples
 
 
 def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
-    lines = ["# Before and after", ""]
+    """The Markdown report: header, the metrics table (before/after, or one side), a few examples."""
+    paired = any("after" in m for m in metrics.values())
+    ci = lambda pair: f"[{pair[0]:.3g}, {pair[1]:.3g}]"
+    lines = ["# Before and after" if paired else "# Evaluation", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += ["", "| metric | n | before [95% CI] | after [95% CI] | after - before [95% CI] | p (paired) |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    if paired:
+        lines += ["", "| metric | n | before [95% CI] | after [95% CI] | after - before [95% CI] | p (paired) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    else:
+        lines += ["", "| metric | n | mean [95% CI] |", "| --- | --- | --- |"]
     for name, m in metrics.items():
-        ci = lambda pair: f"[{pair[0]:.3g}, {pair[1]:.3g}]"
-        if "p_value" not in m:  # a statistic of the whole set (Self-BLEU): no interval
+        if "p_value" in m:
+            lines.append(f"| {name} | {m['n']} | {m['before']:.3g} {ci(m['before_ci'])} | {m['after']:.3g} "
+                         f"{ci(m['after_ci'])} | {m['after'] - m['before']:+.3g} {ci(m['difference_ci'])} | {m['p_value']:.3g} |")
+        elif "after" in m:  # a statistic of the whole set (Self-BLEU): no interval
             lines.append(f"| {name} | {m['n']} | {m['before']:.3g} | {m['after']:.3g} | {m['after'] - m['before']:+.3g} | |")
-            continue
-        lines.append(f"| {name} | {m['n']} | {m['before']:.3g} {ci(m['before_ci'])} | {m['after']:.3g} {ci(m['after_ci'])} "
-                     f"| {m['after'] - m['before']:+.3g} {ci(m['difference_ci'])} | {m['p_value']:.3g} |")
+        elif "mean" in m:
+            lines.append(f"| {name} | {m['n']} | {m['mean']:.3g}{' ' + ci(m['ci']) if 'ci' in m else ''} |")
     lines += ["", "## Examples", ""]
     for row in rows[:3]:
         question = row["prompt"][-1]["content"]
         context = row["prompt"][0]["content"] if row["prompt"][0]["role"] == "system" else ""
-        lines += [f"**Context:** {context}", "", f"**Prompt:** {question}", "",
-                  f"- before: {row['base'].strip()}", f"- after: {row['adapted'].strip()}", ""]
+        lines += [f"**Context:** {context}", "", f"**Prompt:** {question}", ""]
+        if "adapted" in row:
+            lines += [f"- before: {row['base'].strip()}", f"- after: {row['adapted'].strip()}", ""]
+        else:
+            lines += [f"- answer: {row['base'].strip()}", ""]
     return "\n".join(lines)
+
+
+def evaluate(model, tokenizer, records, eval_config, seed: int, adapted: bool = True, events=None):
+    """Answers with the adapter off (and on) to `records` in the paper's prompt formats, scored: (rows, metrics)."""
+    records = [formatted(r, eval_config.math_shots) for r in records]
+    settings = SamplerSettings(eval_config.temperature, eval_config.top_p, eval_config.max_tokens)
+    if events:
+        events.emit("stage_started", stage="compare", total=len(records) * (2 if adapted else 1), unit="answers")
+    answers = answer_sides(model, tokenizer, records, settings, seed, batch_size=16, adapted=adapted)
+    return score(records, answers, eval_config.bootstrap_samples, seed)
+
+
+def report_header(model: str, adapter: str, data: str, records, eval_config, seed: int) -> dict:
+    """What the report states about how its answers were made."""
+    header = {"model": model, "adapter": adapter, "data": data, "prompts": len(records),
+              "sampler": f"temperature {eval_config.temperature}, top_p {eval_config.top_p}, "
+                         f"max_tokens {eval_config.max_tokens}", "seed": seed}
+    for task in sorted({task_of(r) for r in records} - {None}):
+        header[f"{task} prompt"] = PROMPT_FORMATS[task].format(shots=eval_config.math_shots)
+    return header
+
+
+def write_outputs(out_dir: Path, rows: list[dict], metrics: dict, header: dict) -> None:
+    """answers.jsonl, metrics.json and report.md in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "report.md").write_text(format_report(metrics, rows, header), encoding="utf-8")
 
 
 def compare(loaded, adapter_dir: Path, data: str, out_dir: Path, eval_config, seed: int, events=None, data_format="auto",
@@ -145,20 +213,10 @@ def compare(loaded, adapter_dir: Path, data: str, out_dir: Path, eval_config, se
     if not lora_layers(model):
         load_adapter(model, adapter_dir)
     model.eval()
-    settings = SamplerSettings(eval_config.temperature, eval_config.top_p, eval_config.max_tokens)
-    if events:
-        events.emit("stage_started", stage="compare", total=2 * len(records), unit="answers")
-    base, adapted = answer_both(model, tokenizer, records, settings, seed, batch_size=16)
-    rows, metrics = score(records, base, adapted, eval_config.bootstrap_samples, seed)
+    rows, metrics = evaluate(model, tokenizer, records, eval_config, seed, events=events)
     if held_out_pairs:
         metrics.update(mutual_information(model, tokenizer, held_out_pairs, beta, eval_config.bootstrap_samples, seed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    header = {"model": loaded.source, "adapter": str(adapter_dir), "data": data, "prompts": len(records),
-              "sampler": f"temperature {settings.temperature}, top_p {settings.top_p}, max_tokens {settings.max_tokens}",
-              "seed": seed}
-    (out_dir / "report.md").write_text(format_report(metrics, rows, header), encoding="utf-8")
+    write_outputs(out_dir, rows, metrics, report_header(loaded.source, str(adapter_dir), data, records, eval_config, seed))
     return metrics
 
 

@@ -1,7 +1,10 @@
-"""Statistics for before/after reports: bootstrap intervals and a paired test.
+"""Statistics for before/after reports: bootstrap intervals, a paired test and win rates.
 
     low, high = bootstrap_interval(values, samples=1000, seed=0)      # 95% interval of the mean
     p = paired_permutation_p(before, after, samples=1000, seed=0)     # two-sided, paired
+    summarize(before, after, 1000, 0)     # n, both means with intervals, the difference, p
+    describe(values, 1000, 0)             # one side alone: n, mean, interval
+    win_rate([1, 0, -1, 1], 1000, 0)      # wins, ties and losses; ties count as wins (the paper's way)
 """
 
 import numpy as np
@@ -31,15 +34,32 @@ def paired_permutation_p(before, after, samples: int = 1000, seed: int = 0) -> f
     return float((1 + (flipped >= observed - 1e-12).sum()) / (samples + 1))
 
 
+def describe(values, samples: int, seed: int) -> dict:
+    """n, mean and its 95% interval."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if len(values) else float("nan")
+    return {"n": int(len(values)), "mean": mean, "ci": bootstrap_interval(values, samples, seed)}
+
+
 def summarize(before, after, samples: int, seed: int) -> dict:
     """n, means with 95% intervals, the paired difference with its interval, and p."""
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    first, second = describe(before, samples, seed), describe(after, samples, seed)
     return {
-        "n": int(len(before)),
-        "before": float(before.mean()) if len(before) else float("nan"),
-        "before_ci": bootstrap_interval(before, samples, seed),
-        "after": float(after.mean()) if len(after) else float("nan"),
-        "after_ci": bootstrap_interval(after, samples, seed),
+        "n": first["n"],
+        "before": first["mean"],
+        "before_ci": first["ci"],
+        "after": second["mean"],
+        "after_ci": second["ci"],
         "difference_ci": bootstrap_interval(after - before, samples, seed),
         "p_value": paired_permutation_p(before, after, samples, seed),
     }
+
+
+def win_rate(outcomes, samples: int, seed: int) -> dict:
+    """Outcomes are 1 (win), 0 (tie), -1 (loss); the rate counts ties as wins, and each share is shown apart."""
+    outcomes = np.asarray(outcomes)
+    wins_or_ties = describe(outcomes >= 0, samples, seed)
+    share = lambda value: float((outcomes == value).mean()) if len(outcomes) else float("nan")
+    return {"n": wins_or_ties["n"], "value": wins_or_ties["mean"], "ci": wins_or_ties["ci"],
+            "wins": share(1), "ties": share(0), "losses": share(-1)}

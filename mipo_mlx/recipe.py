@@ -152,6 +152,13 @@ class EvalConfig:
     top_p: float = _field(0.9, "Nucleus sampling mass for before/after answers.", greater_than=0.0, max=1.0)
     max_tokens: int = _field(256, "Longest before/after answer, in tokens.", min=1)
     bootstrap_samples: int = _field(1000, "Bootstrap resamples for the 95% intervals.", min=100)
+    math_shots: int = _field(
+        8,
+        "Worked examples before each math question (records with a numeric gold answer): the paper's GSM8K "
+        "prompt is 8-shot chain of thought; 0 asks for 'The answer is N.' instead.",
+        min=0,
+        max=8,
+    )
 
 
 @dataclass
