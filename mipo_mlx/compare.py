@@ -15,14 +15,14 @@ size, a bootstrap 95% interval, and a paired permutation test of after vs before
 - accuracy on verifiable tasks (records with a gold answer): exact match of the final
   number (math) or of the answer letter (multiple choice), asked in the paper's prompt
   formats (mipo_mlx/answers.py: 8-shot chain of thought for math, zero-shot for choices);
-- answer length in tokens (DPO tends to lengthen answers) and Self-BLEU of the answers
-  (lower is more diverse).
+- answer length in tokens (DPO tends to lengthen answers), the share of answers that fell
+  into a repetition loop (metrics.repetition_loop: an adapted model can loop in the right
+  language and still pass the language check) and Self-BLEU of the answers (lower is more
+  diverse).
 """
 
 import json
-import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
-from mipo_mlx.metrics import describe, summarize
+from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
 from mipo_mlx.trainer import ADAPTERS_DIR, is_held_out, read_pairs
@@ -57,20 +57,6 @@ def answer_sides(model, tokenizer, records, settings: SamplerSettings, seed: int
     return answers
 
 
-def per_side(values: dict, samples: int, seed: int) -> dict:
-    """Before/after with the paired test for two sides; n, mean and interval for one."""
-    if "adapted" in values:
-        return summarize(values["base"], values["adapted"], samples, seed)
-    return describe(values["base"], samples, seed)
-
-
-def whole_set(n: int, values: dict) -> dict:
-    """A statistic of the whole set per side (no interval): before/after, or the one value."""
-    if "adapted" in values:
-        return {"n": n, "before": values["base"], "after": values["adapted"]}
-    return {"n": n, "mean": values["base"]}
-
-
 def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], dict]:
     """One row per prompt (answers, checks, tokens, correctness) and the metrics over the rows."""
     sides = list(answers)
@@ -84,13 +70,15 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
             for side in sides:
                 per_kind[kind][side].append(checks[side][kind])
         row = {"id": record.id, "prompt": record.messages(), **texts, "reference": record.extras.get("reference"),
-               "checks": checks, "tokens": {side: len(answers[side][i].token_ids) for side in sides}}
+               "checks": checks, "tokens": {side: len(answers[side][i].token_ids) for side in sides},
+               "loop": {side: repetition_loop(texts[side]) for side in sides}}
         if task_of(record):
             row["task"], row["gold"] = task_of(record), str(record.extras["gold"])
             row["correct"] = {side: is_correct(record, texts[side]) for side in sides}
         rows.append(row)
     column = lambda subset, get: {side: [get(r, side) for r in subset] for side in sides}
-    metrics = {"answer_tokens": per_side(column(rows, lambda r, side: r["tokens"][side]), samples, seed)}
+    metrics = {"answer_tokens": per_side(column(rows, lambda r, side: r["tokens"][side]), samples, seed),
+               "repetition_loop": per_side(column(rows, lambda r, side: r["loop"][side]), samples, seed)}
     for task in sorted({r["task"] for r in rows if "task" in r}):
         graded = [r for r in rows if r.get("task") == task]
         metrics[f"accuracy/{task}"] = per_side(column(graded, lambda r, side: r["correct"][side]), samples, seed)
@@ -102,30 +90,6 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
         for kind, values in sorted(per_kind.items()):
             metrics[f"adherence/{kind}"] = per_side(values, samples, seed)
     return rows, metrics
-
-
-def self_bleu(texts: list[str], max_n: int = 4) -> float:
-    """Mean BLEU of each answer against all the others as references (uniform n-gram weights)."""
-    tokenized = [t.split() for t in texts if t.split()]
-    if len(tokenized) < 2:
-        return float("nan")
-    scores = []
-    for i, hypothesis in enumerate(tokenized):
-        references = tokenized[:i] + tokenized[i + 1 :]
-        log_precisions = []
-        for n in range(1, max_n + 1):
-            grams = Counter(tuple(hypothesis[k : k + n]) for k in range(len(hypothesis) - n + 1))
-            best = Counter()
-            for reference in references:
-                best |= Counter(tuple(reference[k : k + n]) for k in range(len(reference) - n + 1))
-            matched = sum(min(c, best[g]) for g, c in grams.items())
-            # A small count for no match (Chen & Cherry's method 1) keeps the log finite.
-            total = max(sum(grams.values()), 1)
-            log_precisions.append(math.log((matched or 0.1) / total))
-        closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1]
-        brevity = min(1.0, math.exp(1 - closest / len(hypothesis)))
-        scores.append(brevity * math.exp(sum(log_precisions) / max_n))
-    return float(np.mean(scores))
 
 
 def mutual_information(model, tokenizer, pairs: list[dict], beta: float, samples: int, seed: int) -> dict:

@@ -1,13 +1,29 @@
-"""Statistics for before/after reports: bootstrap intervals, a paired test and win rates.
+"""Answer metrics and the statistics of before/after reports: intervals, a paired test, win rates.
 
     low, high = bootstrap_interval(values, samples=1000, seed=0)      # 95% interval of the mean
     p = paired_permutation_p(before, after, samples=1000, seed=0)     # two-sided, paired
     summarize(before, after, 1000, 0)     # n, both means with intervals, the difference, p
     describe(values, 1000, 0)             # one side alone: n, mean, interval
+    per_side({"base": [...], "adapted": [...]}, 1000, 0)    # summarize, or describe when base only
     win_rate([1, 0, -1, 1], 1000, 0)      # wins, ties and losses; ties count as wins (the paper's way)
+    self_bleu(answers)                    # similarity of the answers to each other (lower: more diverse)
+    repetition_loop(answer)               # True when the answer fell into a repetition loop
 """
 
+import math
+import re
+from collections import Counter
+
 import numpy as np
+
+# Words and single punctuation marks: a loop of "no, no, no," has the period ("no", ",").
+LOOP_TOKEN = re.compile(r"\w+|[^\w\s]")
+# Calibrated on the quickstart's answers: an answer cut by max_tokens after two and a half
+# rounds of the same sentence is a loop; no answer that did not loop repeats that much.
+LOOP_MAX_PERIOD = 30  # longest repeated unit looked for at the end, in tokens
+LOOP_MIN_REPEATS = 2.5
+LOOP_MIN_SPAN = 12  # a loop covers at least this many tokens (12 times one word, 3 times a 4-token phrase)
+LOOP_REPEATED_4GRAMS = 0.5  # or at least half of the answer's 4-grams repeat an earlier one
 
 
 def bootstrap_interval(values, samples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -56,6 +72,20 @@ def summarize(before, after, samples: int, seed: int) -> dict:
     }
 
 
+def per_side(values: dict, samples: int, seed: int) -> dict:
+    """Before/after with the paired test for two sides; n, mean and interval for one."""
+    if "adapted" in values:
+        return summarize(values["base"], values["adapted"], samples, seed)
+    return describe(values["base"], samples, seed)
+
+
+def whole_set(n: int, values: dict) -> dict:
+    """A statistic of the whole set per side (no interval): before/after, or the one value."""
+    if "adapted" in values:
+        return {"n": n, "before": values["base"], "after": values["adapted"]}
+    return {"n": n, "mean": values["base"]}
+
+
 def win_rate(outcomes, samples: int, seed: int) -> dict:
     """Outcomes are 1 (win), 0 (tie), -1 (loss); the rate counts ties as wins, and each share is shown apart."""
     outcomes = np.asarray(outcomes)
@@ -63,3 +93,53 @@ def win_rate(outcomes, samples: int, seed: int) -> dict:
     share = lambda value: float((outcomes == value).mean()) if len(outcomes) else float("nan")
     return {"n": wins_or_ties["n"], "value": wins_or_ties["mean"], "ci": wins_or_ties["ci"],
             "wins": share(1), "ties": share(0), "losses": share(-1)}
+
+
+def self_bleu(texts: list[str], max_n: int = 4) -> float:
+    """Mean BLEU of each answer against all the others as references (uniform n-gram weights)."""
+    tokenized = [t.split() for t in texts if t.split()]
+    if len(tokenized) < 2:
+        return float("nan")
+    scores = []
+    for i, hypothesis in enumerate(tokenized):
+        references = tokenized[:i] + tokenized[i + 1 :]
+        log_precisions = []
+        for n in range(1, max_n + 1):
+            grams = Counter(tuple(hypothesis[k : k + n]) for k in range(len(hypothesis) - n + 1))
+            best = Counter()
+            for reference in references:
+                best |= Counter(tuple(reference[k : k + n]) for k in range(len(reference) - n + 1))
+            matched = sum(min(c, best[g]) for g, c in grams.items())
+            # A small count for no match (Chen & Cherry's method 1) keeps the log finite.
+            total = max(sum(grams.values()), 1)
+            log_precisions.append(math.log((matched or 0.1) / total))
+        closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1]
+        brevity = min(1.0, math.exp(1 - closest / len(hypothesis)))
+        scores.append(brevity * math.exp(sum(log_precisions) / max_n))
+    return float(np.mean(scores))
+
+
+def _periodic_tail(tokens: list[str], period: int) -> int:
+    """Length of the longest suffix of `tokens` that repeats with this period."""
+    run = 0
+    while len(tokens) - 1 - run - period >= 0 and tokens[-1 - run] == tokens[-1 - run - period]:
+        run += 1
+    return run + period
+
+
+def repetition_loop(text: str) -> bool:
+    """True when the answer ends in one unit repeated (a word, a phrase, a sentence) or mostly repeats itself.
+
+    The end of the answer is checked twice, with and without its last token, since an answer
+    cut by max_tokens often stops inside the unit ("... à Paris. Je suis à Pa").
+    """
+    tokens = LOOP_TOKEN.findall(text.lower())
+    for end in (len(tokens), len(tokens) - 1):
+        for period in range(1, min(LOOP_MAX_PERIOD, int(end / LOOP_MIN_REPEATS)) + 1):
+            span = _periodic_tail(tokens[:end], period)
+            # The unit must hold a word: a row of dashes or dots is a table or an ellipsis.
+            has_word = any(t[0].isalnum() for t in tokens[end - period : end])
+            if has_word and span >= max(LOOP_MIN_REPEATS * period, LOOP_MIN_SPAN):
+                return True
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    return len(grams) >= 16 and 1 - len(set(grams)) / len(grams) >= LOOP_REPEATED_4GRAMS

@@ -1,12 +1,17 @@
-"""Before/after evaluation: preference checkers, statistics, and the compare stage on the tiny model."""
+"""Before/after evaluation: preference checkers, statistics, repetition loops, and the compare stage on the tiny model.
+
+    .venv/bin/python -m pytest -q tests/test_compare.py
+"""
 
 import json
 
 import numpy as np
 import pytest
 
-from mipo_mlx.compare import self_bleu
-from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p
+from mipo_mlx.compare import score
+from mipo_mlx.data import PromptRecord
+from mipo_mlx.generation import Answer
+from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p, repetition_loop, self_bleu
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.preferences import check, check_all, detect_language
 
@@ -55,6 +60,43 @@ def test_self_bleu_is_high_for_repeated_answers_and_low_for_varied_ones():
     assert self_bleu(varied) < 0.2
 
 
+@pytest.mark.parametrize("answer", [
+    "Bonjour! Je suis à Paris. Je suis à Paris. Je suis à Paris. Je suis à Pa",  # cut by max_tokens mid-word
+    "Cheri, amo, amo, amo, amo, amo, amo, amo, amo, amo, amo",
+    "Açaiba! Açaiba! Açaiba! Açaiba! Açaiba! Açaiba! Açaiba!",
+    "Puppies need a lot of love. Puppies need a lot of attention. Puppies need a lot of love. Puppies need a lot of "
+    "attention. Puppies need a lot of love. Pupp",
+    "Il cibo è buono. La cena è pronta, la cena è pronta, la cena è pronta, la cena è pronta, la cena è",
+    "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+    "Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Okay.",
+])
+def test_repetition_loops_are_caught(answer):
+    assert repetition_loop(answer)
+
+
+@pytest.mark.parametrize("answer", [
+    "Bonjour, voici une idée pour le dîner: une soupe à l'oignon avec du pain.",
+    "No, no, no. Try green tea instead, it helps you sleep.",
+    "Pack:\n- water\n- a map\n- a hat\n- sun cream\n- a snack",
+    "1. Keep your desk clean.\n2. Use a broom.\n3. Use a vacuum cleaner.\n4. Use a broom.",
+    "| day | plan | time |\n| --- | --- | --- |\n| Monday | walk | 7 pm |",
+    "Take care, take care!",
+    "",
+])
+def test_ordinary_answers_are_not_loops(answer):
+    assert not repetition_loop(answer)
+
+
+def test_a_loop_in_the_right_language_passes_the_language_check_and_shows_as_a_loop():
+    records = [PromptRecord(f"p{i}", "What can I cook?", "Answer in Italian.",
+                            extras={"preferences": [{"kind": "language", "value": "it"}]}) for i in range(2)]
+    base = [Answer("You could cook pasta with tomatoes.", [1] * 7, "stop")] * 2
+    adapted = [Answer("Il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il", [1] * 24, "length")] * 2
+    _, metrics = score(records, {"base": base, "adapted": adapted}, samples=100, seed=0)
+    assert (metrics["adherence/language"]["before"], metrics["adherence/language"]["after"]) == (0.0, 1.0)
+    assert (metrics["repetition_loop"]["before"], metrics["repetition_loop"]["after"]) == (0.0, 1.0)
+
+
 def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_dirs):
     from test_trainer import train_run
 
@@ -71,5 +113,6 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
     metrics = json.loads((run.dir / "compare" / "metrics.json").read_text())
     assert metrics["adherence/language"]["n"] == 3
     assert {"before_ci", "after_ci", "p_value"} <= set(metrics["answer_tokens"])
+    assert metrics["repetition_loop"]["n"] == 3 and all(set(r["loop"]) == {"base", "adapted"} for r in rows)
     report = (run.dir / "compare" / "report.md").read_text()
-    assert "| adherence/overall | 3 |" in report and "temperature 0.1" in report and "## Examples" in report
+    assert "| adherence/overall | 3 |" in report and "| repetition_loop | 3 |" in report and "temperature 0.1" in report and "## Examples" in report
