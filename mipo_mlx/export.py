@@ -301,5 +301,9 @@ def run(args) -> int:
     for name, drift in result.drift.items():
         print(f"{name}: sequence log-probs within {drift:.2e} nats of the adapted model")
     if repo_id:
-        push_folder(result.out, repo_id, private=private, dry_run=args.dry_run)
+        try:
+            push_folder(result.out, repo_id, private=private, dry_run=args.dry_run)
+        except UserError as error:
+            # The export itself is done: say where, so that fixing the push does not mean exporting again.
+            raise UserError(f"{error}; the export is kept in {result.out}") from None
     return 0

@@ -16,7 +16,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
@@ -45,14 +45,16 @@ def _size(num_bytes: int) -> str:
 
 
 @contextlib.contextmanager
-def hub_errors(repo_id: str, endpoint: str):
+def hub_errors(repo_id: str, endpoint: str, token: str | None):
     """Turn what the Hub or the network answers into one UserError line; the token never appears."""
     try:
         yield
     except UserError:
         raise
     except Exception as error:
-        raise UserError(_explain(error, repo_id, endpoint), key=KEY) from None
+        message = _explain(error, repo_id, endpoint)
+        # Server and library messages are quoted in part; one that echoed the token must not show it.
+        raise UserError(message.replace(token, "***") if token else message, key=KEY) from None
 
 
 def _explain(error: BaseException, repo_id: str, endpoint: str) -> str:
@@ -61,11 +63,17 @@ def _explain(error: BaseException, repo_id: str, endpoint: str) -> str:
     while cause is not None and not isinstance(cause, (HfHubHTTPError, TransportError, OfflineModeIsEnabled)):
         cause = cause.__cause__ or cause.__context__
     nothing = "nothing was uploaded"
-    if isinstance(cause, (TransportError, OfflineModeIsEnabled)):
+    if isinstance(cause, OfflineModeIsEnabled):
+        return f"HF_HUB_OFFLINE is set, so huggingface_hub sends no request; unset it to push; {nothing}"
+    if isinstance(cause, TransportError):
         return f"cannot reach {endpoint} ({type(cause).__name__}); check the network or HF_ENDPOINT; {nothing}"
     if cause is None:
         return f"the push failed ({type(error).__name__}: {' '.join(str(error).split())[:160]}); {nothing}"
     status = cause.response.status_code if cause.response is not None else None
+    reason = " ".join(str(getattr(cause, "server_message", "") or "").split())[:160]
+    if not _from_hub_api(cause, endpoint):
+        # The LFS storage a file was sent to (a presigned URL), not the Hub: permissions are not the cause.
+        return f"the file upload failed ({status}{f': {reason}' if reason else ''}); {nothing}"
     namespace = repo_id.split("/")[0]
     if status == 401:
         return f"the Hugging Face token was rejected (401); run `hf auth login` again or set a valid HF_TOKEN; {nothing}"
@@ -74,8 +82,16 @@ def _explain(error: BaseException, repo_id: str, endpoint: str) -> str:
                 f"under your own name; {nothing}")
     if status == 409:
         return f"{repo_id} already exists and cannot be used (409); choose another name; {nothing}"
-    reason = " ".join(str(getattr(cause, "server_message", "") or "").split())[:160]
     return f"the Hub answered {status}{f' ({reason})' if reason else ''}; {nothing}"
+
+
+def _from_hub_api(error: HfHubHTTPError, endpoint: str) -> bool:
+    """Whether the failed request went to the Hub's API (or its LFS batch API) rather than to file storage."""
+    try:
+        url = str(error.response.request.url)
+    except (AttributeError, RuntimeError):  # no response, or a response without its request
+        return True
+    return url.startswith(f"{endpoint}/api/") or (url.startswith(endpoint) and ".git/info/lfs/" in url)
 
 
 def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> bool:
@@ -105,7 +121,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = Fa
     if repo_id.count("/") != 1:
         raise UserError(f"{repo_id!r} has no owner; expected OWNER/NAME such as your-name/smollm2-mipo", key=KEY)
     plan = upload_plan(folder)
-    token = get_token()
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    with hub_errors(repo_id, endpoint, None):  # get_token may exchange an OIDC token in CI
+        token = get_token()
     if dry_run:
         total = sum(path.stat().st_size for _, path in plan)
         print(f"dry run: would upload {len(plan)} files ({_size(total)}) to {repo_id} in one commit, "
@@ -116,19 +134,19 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = Fa
         return None
     if not token:
         raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN; nothing was uploaded", key=KEY)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    with hub_errors(repo_id, api.endpoint):
+    api = HfApi(endpoint=endpoint, token=token)
+    with hub_errors(repo_id, endpoint, token):
         api.whoami()
         created = _ensure_repo(api, repo_id, private)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan]
     try:
-        with hub_errors(repo_id, api.endpoint):
+        with hub_errors(repo_id, endpoint, token):
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan]
             commit = api.create_commit(repo_id, operations, commit_message=message)
-    except UserError:
+    except BaseException:  # Ctrl+C too
         if created:
             # The commit failed as a whole; the empty repository made for it goes too.
             with contextlib.suppress(Exception):
                 api.delete_repo(repo_id)
         raise
-    print(f"pushed {len(plan)} files to {api.endpoint}/{repo_id} in one commit ({commit.oid[:10]})")
+    print(f"pushed {len(plan)} files to {endpoint}/{repo_id} in one commit ({commit.oid[:10]})")
     return commit.commit_url
