@@ -15,6 +15,8 @@ size, a bootstrap 95% interval, and a paired permutation test of after vs before
 - accuracy on verifiable tasks (records with a gold answer): exact match of the final
   number (math) or of the answer letter (multiple choice), asked in the paper's prompt
   formats (mipo_mlx/answers.py: 8-shot chain of thought for math, zero-shot for choices);
+- with `eval.judge_model`, the judge's 1-to-5 score per stated preference and win rates,
+  as the paper evaluates personalization (mipo_mlx/judge.py);
 - answer length in tokens (DPO tends to lengthen answers), the share of answers that fell
   into a repetition loop (metrics.repetition_loop: an adapted model can loop in the right
   language and still pass the language check) and Self-BLEU of the answers (lower is more
@@ -32,6 +34,7 @@ from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
+from mipo_mlx.judge import judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
 from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, whole_set
 from mipo_mlx.preferences import check_all
@@ -129,6 +132,12 @@ def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
             lines.append(f"| {name} | {m['n']} | {m['before']:.3g} | {m['after']:.3g} | {m['after'] - m['before']:+.3g} | |")
         elif "mean" in m:
             lines.append(f"| {name} | {m['n']} | {m['mean']:.3g}{' ' + ci(m['ci']) if 'ci' in m else ''} |")
+    wins = {name: m for name, m in metrics.items() if "wins" in m}
+    if wins:
+        lines += ["", "## Win rates (judge)", "",
+                  "| comparison | n | win rate, ties as wins [95% CI] | wins | ties | losses |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {m['value']:.3g} {ci(m['ci'])} | {m['wins']:.3g} "
+                  f"| {m['ties']:.3g} | {m['losses']:.3g} |" for name, m in wins.items()]
     lines += ["", "## Examples", ""]
     for row in rows[:3]:
         question = row["prompt"][-1]["content"]
@@ -141,14 +150,18 @@ def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, tokenizer, records, eval_config, seed: int, adapted: bool = True, events=None):
+def evaluate(model, tokenizer, records, eval_config, seed: int, adapted: bool = True, events=None, judge=None):
     """Answers with the adapter off (and on) to `records` in the paper's prompt formats, scored: (rows, metrics)."""
     records = [formatted(r, eval_config.math_shots) for r in records]
     settings = SamplerSettings(eval_config.temperature, eval_config.top_p, eval_config.max_tokens)
     if events:
         events.emit("stage_started", stage="compare", total=len(records) * (2 if adapted else 1), unit="answers")
     answers = answer_sides(model, tokenizer, records, settings, seed, batch_size=16, adapted=adapted)
-    return score(records, answers, eval_config.bootstrap_samples, seed)
+    rows, metrics = score(records, answers, eval_config.bootstrap_samples, seed)
+    if judge:
+        judge_rows(judge, records, rows)
+        metrics.update(judge_metrics(rows, eval_config.bootstrap_samples, seed))
+    return rows, metrics
 
 
 def report_header(model: str, adapter: str, data: str, records, eval_config, seed: int) -> dict:
@@ -158,6 +171,8 @@ def report_header(model: str, adapter: str, data: str, records, eval_config, see
                          f"max_tokens {eval_config.max_tokens}", "seed": seed}
     for task in sorted({task_of(r) for r in records} - {None}):
         header[f"{task} prompt"] = PROMPT_FORMATS[task].format(shots=eval_config.math_shots)
+    if eval_config.judge_model:
+        header["judge"] = f"{eval_config.judge_model} (1 to 5 per stated preference; temperature 0.1, top_p 0.9)"
     return header
 
 
@@ -177,7 +192,8 @@ def compare(loaded, adapter_dir: Path, data: str, out_dir: Path, eval_config, se
     if not lora_layers(model):
         load_adapter(model, adapter_dir)
     model.eval()
-    rows, metrics = evaluate(model, tokenizer, records, eval_config, seed, events=events)
+    judge = eval_config.judge_model and load_judge(eval_config.judge_model, loaded, seed, key="eval.judge_model")
+    rows, metrics = evaluate(model, tokenizer, records, eval_config, seed, events=events, judge=judge)
     if held_out_pairs:
         metrics.update(mutual_information(model, tokenizer, held_out_pairs, beta, eval_config.bootstrap_samples, seed))
     write_outputs(out_dir, rows, metrics, report_header(loaded.source, str(adapter_dir), data, records, eval_config, seed))
@@ -193,7 +209,7 @@ def run_stage(run) -> dict:
                 and is_held_out(p["mipo"]["prompt_id"], recipe.training.eval_fraction, recipe.seed)]
     metrics = compare(run.loaded_model(), run.path(ADAPTERS_DIR), recipe.data.test, run.path(COMPARE_DIR),
                       recipe.eval, recipe.seed, run.events, recipe.data.format, held_out, recipe.training.beta)
-    table = {name: {k: m.get(k) for k in ("n", "before", "after", "p_value")} for name, m in metrics.items()}
+    table = {name: {k: m[k] for k in ("n", "before", "after", "p_value", "value") if k in m} for name, m in metrics.items()}
     run.events.emit("stage_finished", stage="compare", seconds=time.time() - started, metrics=table)
     print((run.path(COMPARE_DIR) / "report.md").read_text(encoding="utf-8").split("## Examples")[0])
     return table

@@ -159,6 +159,17 @@ class EvalConfig:
         min=0,
         max=8,
     )
+    judge_model: Optional[str] = _field(
+        None,
+        "Judge that scores each answer 1 to 5 per stated preference (the paper's rubric): any model "
+        "model.path accepts; the run's own model is reused with the adapter off; null: no judge.",
+    )
+
+    def __post_init__(self):
+        model = self.judge_model
+        if model and (model.endswith(".gguf") or model.startswith((".", "/", "~"))) and not Path(model).expanduser().exists():
+            raise UserError(f"not found: {model}; give an existing model directory or .gguf file, a Hub id, "
+                            "'smollm2-135m', or null for no judge", key="eval.judge_model")
 
 
 @dataclass

@@ -105,7 +105,8 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
                                              "preferences": [{"kind": "language", "value": "fr"}]}) + "\n"
                                  for i, q in enumerate(["What can I cook?", "How do I relax?", "Any weekend idea?"])))
     run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "cmp", "training.batch_size=2", "training.max_steps=2",
-                    f"data.test={test_file}", "eval.max_tokens=8", "eval.bootstrap_samples=100")
+                    f"data.test={test_file}", "eval.max_tokens=8", "eval.bootstrap_samples=100",
+                    f"eval.judge_model={tiny_model_dirs[('llama', False)]}")  # the run's own model, adapter off
     run_stages(run, ["train", "compare"])
     rows = [json.loads(line) for line in (run.dir / "compare" / "answers.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["t0", "t1", "t2"]
@@ -114,5 +115,7 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
     assert metrics["adherence/language"]["n"] == 3
     assert {"before_ci", "after_ci", "p_value"} <= set(metrics["answer_tokens"])
     assert metrics["repetition_loop"]["n"] == 3 and all(set(r["loop"]) == {"base", "adapted"} for r in rows)
+    assert metrics["judge/replies_without_score"]["n"] == 3  # one stated preference (the context) per prompt
+    assert all(r["judge"]["preferences"] == ["Please always answer me in French."] for r in rows)
     report = (run.dir / "compare" / "report.md").read_text()
-    assert "| adherence/overall | 3 |" in report and "| repetition_loop | 3 |" in report and "temperature 0.1" in report and "## Examples" in report
+    assert "| adherence/overall | 3 |" in report and "| repetition_loop | 3 |" in report and "**judge**" in report and "temperature 0.1" in report and "## Examples" in report
