@@ -3,6 +3,7 @@
     mipo-mlx train recipes/quickstart.yaml          # sample, DPO, compare in one run dir
     mipo-mlx sample recipes/quickstart.yaml         # the pair sampling stage alone
     mipo-mlx export runs/quickstart --to out       # MLX/PEFT adapter, fused model, model card
+    mipo-mlx eval smollm2-135m --adapter runs/quickstart --data bundled:math/test   # any model, outside a run
     mipo-mlx info smollm2-135m                      # what a model is and what it needs
     mipo-mlx convert smollm2-135m out/smollm2       # an mlx-lm model directory
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "train": ("mipo_mlx.pipeline", "Run a recipe: sample pairs, train the LoRA adapter with DPO, compare before and after."),
     "sample": ("mipo_mlx.pipeline", "Run only the MIPO pair sampling stage of a recipe."),
     "compare": ("mipo_mlx.compare", "Answer held-out prompts before and after training and report the metrics."),
+    "eval": ("mipo_mlx.evaluate", "Evaluate any model, with or without an adapter, on a prompt set: the report of compare."),
     "export": ("mipo_mlx.export", "Write a run's adapter as MLX, PEFT, fused or GGUF files with a model card; push to the Hub."),
     "convert": ("mipo_mlx.convert", "Write an mlx-lm model directory from a GGUF file, a Hub id or the embedded model."),
     "info": ("mipo_mlx.info", "Describe a model: architecture, size, quantization, chat template, memory needs."),

@@ -21,6 +21,10 @@ size, a bootstrap 95% interval, and a paired permutation test of after vs before
   into a repetition loop (metrics.repetition_loop: an adapted model can loop in the right
   language and still pass the language check) and Self-BLEU of the answers (lower is more
   diverse).
+
+`mipo-mlx eval` (mipo_mlx/evaluate.py) runs the same evaluate(), report_header() and
+write_outputs() on any model, with or without an adapter; with one side only, each metric
+is its mean with an interval.
 """
 
 import json
@@ -126,18 +130,18 @@ def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
         lines += ["", "| metric | n | mean [95% CI] |", "| --- | --- | --- |"]
     for name, m in metrics.items():
         if "p_value" in m:
-            lines.append(f"| {name} | {m['n']} | {m['before']:.3g} {ci(m['before_ci'])} | {m['after']:.3g} "
-                         f"{ci(m['after_ci'])} | {m['after'] - m['before']:+.3g} {ci(m['difference_ci'])} | {m['p_value']:.3g} |")
+            lines.append(f"| {name} | {m['n']} | {m['before']:.3g} {ci(m['before_ci'])} | {m['after']:.3g} {ci(m['after_ci'])} "
+                         f"| {m['after'] - m['before']:+.3g} {ci(m['difference_ci'])} | {m['p_value']:.3g} |")
         elif "after" in m:  # a statistic of the whole set (Self-BLEU): no interval
             lines.append(f"| {name} | {m['n']} | {m['before']:.3g} | {m['after']:.3g} | {m['after'] - m['before']:+.3g} | |")
         elif "mean" in m:
             lines.append(f"| {name} | {m['n']} | {m['mean']:.3g}{' ' + ci(m['ci']) if 'ci' in m else ''} |")
     wins = {name: m for name, m in metrics.items() if "wins" in m}
     if wins:
-        lines += ["", "## Win rates (judge)", "",
-                  "| comparison | n | win rate, ties as wins [95% CI] | wins | ties | losses |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {m['value']:.3g} {ci(m['ci'])} | {m['wins']:.3g} "
-                  f"| {m['ties']:.3g} | {m['losses']:.3g} |" for name, m in wins.items()]
+        lines += ["", "## Win rates (judge)", "", "| comparison | n | win rate, ties as wins [95% CI] | wins | ties | losses |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {m['value']:.3g} {ci(m['ci'])} "
+                  f"| {m['wins']:.3g} | {m['ties']:.3g} | {m['losses']:.3g} |" for name, m in wins.items()]
     lines += ["", "## Examples", ""]
     for row in rows[:3]:
         question = row["prompt"][-1]["content"]

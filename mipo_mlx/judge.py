@@ -90,6 +90,12 @@ class ModelJudge:
         return [a.text for a in answers]
 
 
+def rekeyed(error: UserError, key: str) -> UserError:
+    """The same mistake, reported under `key` (the recipe key or flag the user wrote) instead."""
+    where = ": ".join(part for part in (error.file, error.key) if part)
+    return UserError(str(error)[len(where) + 2 :] if where else str(error), key=key)
+
+
 def load_named(spec: str, key: str, **options):
     """load_model, with a mistake reported under `key` (the recipe key or flag that named the model)."""
     from mipo_mlx.loading import load_model
@@ -97,9 +103,7 @@ def load_named(spec: str, key: str, **options):
     try:
         return load_model(spec, **options)
     except UserError as error:
-        where = ": ".join(part for part in (error.file, error.key) if part)
-        message = str(error)[len(where) + 2 :] if where else str(error)
-        raise UserError(message, key=key) from None
+        raise rekeyed(error, key) from None
 
 
 def load_judge(spec: str, policy, seed: int, key: str) -> ModelJudge:

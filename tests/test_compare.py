@@ -91,7 +91,8 @@ def test_a_loop_in_the_right_language_passes_the_language_check_and_shows_as_a_l
     records = [PromptRecord(f"p{i}", "What can I cook?", "Answer in Italian.",
                             extras={"preferences": [{"kind": "language", "value": "it"}]}) for i in range(2)]
     base = [Answer("You could cook pasta with tomatoes.", [1] * 7, "stop")] * 2
-    adapted = [Answer("Il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il", [1] * 24, "length")] * 2
+    loop = "Il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il cibo è un cibo, il"
+    adapted = [Answer(loop, [1] * 24, "length")] * 2
     _, metrics = score(records, {"base": base, "adapted": adapted}, samples=100, seed=0)
     assert (metrics["adherence/language"]["before"], metrics["adherence/language"]["after"]) == (0.0, 1.0)
     assert (metrics["repetition_loop"]["before"], metrics["repetition_loop"]["after"]) == (0.0, 1.0)

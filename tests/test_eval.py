@@ -8,10 +8,13 @@ import json
 import pytest
 
 from mipo_mlx.answers import MATH_EXEMPLARS, formatted, is_correct, parse_choice, parse_number, task_of
+from mipo_mlx.cli import main
 from mipo_mlx.compare import format_report, report_header, score
 from mipo_mlx.data import read_prompts
 from mipo_mlx.generation import Answer
-from mipo_mlx.recipe import EvalConfig
+from mipo_mlx.loading import load_model
+from mipo_mlx.lora import adapter_config, apply_lora, save_adapter
+from mipo_mlx.recipe import EvalConfig, LoraConfig
 
 
 @pytest.mark.parametrize("answer, number", [
@@ -57,8 +60,8 @@ def test_bundled_sets_have_their_task_and_gold_answers():
 
 
 def test_arc_records_with_numbered_choices_are_multiple_choice(tmp_path):
-    row = {"question": {"stem": "Which is a metal?", "choices": [{"label": "1", "text": "wood"}, {"label": "2", "text": "iron"}]},
-           "answerKey": "2"}
+    choices = [{"label": "1", "text": "wood"}, {"label": "2", "text": "iron"}]
+    row = {"question": {"stem": "Which is a metal?", "choices": choices}, "answerKey": "2"}
     (tmp_path / "arc.jsonl").write_text(json.dumps(row) + "\n")
     record = read_prompts(str(tmp_path / "arc.jsonl"))[0]
     assert task_of(record) == "mc"
@@ -103,3 +106,83 @@ def test_one_side_reports_means_without_a_paired_test():
     assert metrics["accuracy/mc"]["mean"] == 0.5 and "p_value" not in metrics["accuracy/mc"]
     report = format_report(metrics, rows, {})
     assert report.startswith("# Evaluation") and "| accuracy/mc | 2 | 0.5 [" in report and "- answer: Answer: a" in report
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dirs, tmp_path_factory):
+    """An adapter for the tiny Llama whose lora_b is not zero, so adapter on and off answer differently."""
+    from test_lora import move_adapter
+
+    loaded = load_model(str(tiny_model_dirs[("llama", False)]))
+    move_adapter(apply_lora(loaded.model, LoraConfig(rank=4)))
+    directory = tmp_path_factory.mktemp("run") / "adapters"
+    save_adapter(loaded.model, directory, adapter_config(loaded.model, LoraConfig(rank=4), loaded.source))
+    return directory
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Every model load, counted."""
+    import mipo_mlx.loading
+
+    calls, real = [], mipo_mlx.loading.load_model
+    monkeypatch.setattr(mipo_mlx.loading, "load_model", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
+    return calls
+
+
+def test_eval_with_an_adapter_answers_before_and_after_from_one_loaded_model(tiny_model_dirs, tiny_adapter, tmp_path, loads):
+    model_dir, out = tiny_model_dirs[("llama", False)], tmp_path / "report"
+    # The adapter given as its run directory: eval finds adapters/ inside.
+    assert main(["eval", str(model_dir), "--adapter", str(tiny_adapter.parent), "--data", "bundled:math/test",
+                 "--out", str(out), "--max-prompts", "4", "--max-tokens", "8", "--bootstrap-samples", "100"]) == 0
+    assert loads == [str(model_dir)]  # one model in memory: the adapter is switched off for the base answers
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({"base", "adapted", "correct", "loop"} <= set(r) for r in rows)
+    assert any(r["base"] != r["adapted"] for r in rows)
+    assert len(rows[0]["prompt"]) == 17  # the paper's 8-shot chain of thought before the question
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy/math"]["n"] == 4 and {"before_ci", "after_ci", "p_value"} <= set(metrics["accuracy/math"])
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Before and after") and f"**adapter**: {tiny_adapter}" in report
+    assert "| accuracy/math | 4 |" in report and "| repetition_loop | 4 |" in report
+
+
+def test_eval_without_an_adapter_reports_one_column_and_the_judge_end_to_end(tiny_model_dirs, tmp_path, loads, capsys):
+    model_dir = tiny_model_dirs[("qwen2", False)]
+    judge_dir = tiny_model_dirs[("llama", False)]
+    assert main(["eval", str(model_dir), "--data", "bundled:personalization/test", "--out", str(tmp_path),
+                 "--max-prompts", "2", "--max-tokens", "6", "--bootstrap-samples", "100",
+                 "--judge-model", str(judge_dir)]) == 0
+    assert loads == [str(model_dir), str(judge_dir)]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "after" not in metrics["adherence/overall"] and metrics["adherence/overall"]["n"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    preferences = sum(len(r["judge"]["preferences"]) for r in rows)
+    assert metrics["judge/replies_without_score"]["n"] == preferences == 6  # three listed preferences each
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Evaluation") and "| judge/replies_without_score | 6 |" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "nope.jsonl"], "mipo-mlx: error: --data: file not found: nope.jsonl; give a JSONL file or a bundled set"),
+    (["--data", "bundled:nope"], "mipo-mlx: error: --data: no bundled set 'nope'; bundled sets: math/test"),
+    (["--data", "bundled:math/test", "--adapter", "."], "mipo-mlx: error: --adapter: no adapter in .; give a directory"),
+    (["--data", "bundled:math/test", "--judge-model", "./no-judge"], "mipo-mlx: error: --judge-model: not found: ./no-judge"),
+])
+def test_bad_paths_are_one_line_errors_naming_the_flag(args, message, tiny_model_dirs, capsys):
+    assert main(["eval", str(tiny_model_dirs[("llama", False)]), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(message)
+
+
+def test_bad_model_and_bad_values_are_one_line_errors(capsys):
+    assert main(["eval", "./no-model", "--data", "bundled:math/test"]) == 2
+    assert capsys.readouterr().err.startswith("mipo-mlx: error: MODEL: not found: ./no-model; give 'smollm2-135m'")
+    for flag, value, expected in [("--top-p", "2", "argument --top-p: expected a value at most 1.0, got 2.0"),
+                                  ("--max-prompts", "x", "argument --max-prompts: expected an integer, got 'x'"),
+                                  ("--math-shots", "9", "argument --math-shots: expected a value at most 8, got 9")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "smollm2-135m", "--data", "bundled:math/test", flag, value])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err

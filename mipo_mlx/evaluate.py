@@ -1,0 +1,123 @@
+"""`mipo-mlx eval`: any model, with or without an adapter, outside a run; the report of `compare`.
+
+    mipo-mlx eval smollm2-135m --data bundled:math/test
+    mipo-mlx eval smollm2-135m --adapter runs/quickstart/adapters --data bundled:personalization/test
+    mipo-mlx eval mlx-community/Qwen2.5-1.5B-Instruct-4bit --adapter runs/p --data my.jsonl \\
+        --judge-model mlx-community/Qwen2.5-7B-Instruct-4bit --out evals/p
+
+One loaded model answers each prompt with the adapter off (before) and, given --adapter,
+on (after), with the same sampler and seed: no second copy of the model. Without
+--adapter the report has one column. The metrics and files are compare's
+(mipo_mlx/compare.py): answers.jsonl, metrics.json and report.md in --out (default
+evals/MODEL or evals/MODEL+ADAPTER). Mutual information needs a run's held-out pairs,
+so it is only in `mipo-mlx compare`.
+
+The flags after --data are the recipe's `eval` keys (--max-prompts, --temperature,
+--top-p, --max-tokens, --bootstrap-samples, --math-shots, --judge-model) with the same
+defaults and checks; a bad value is one line naming the flag, exit status 2.
+"""
+
+import argparse
+import dataclasses
+import logging
+import typing
+from pathlib import Path
+
+import yaml
+
+from mipo_mlx.compare import evaluate, report_header, write_outputs
+from mipo_mlx.data import READERS, read_prompts
+from mipo_mlx.errors import UserError
+from mipo_mlx.judge import load_judge, load_named, rekeyed
+from mipo_mlx.lora import ADAPTER_WEIGHTS, load_adapter
+from mipo_mlx.recipe import BUNDLED_PREFIX, EvalConfig, _check_range, _coerce
+
+logger = logging.getLogger("mipo_mlx")
+EVALS_DIR = Path("evals")
+
+
+def _eval_option(field: dataclasses.Field, tp):
+    """argparse type for one EvalConfig key: read as YAML, checked as the recipe checks it."""
+
+    def convert(text: str):
+        try:
+            value = _coerce(yaml.safe_load(text) if text.strip() else None, tp, None, None)
+            _check_range(value, field.metadata, None, None)
+        except (UserError, yaml.YAMLError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return convert
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_arguments(parser) -> None:
+    from mipo_mlx.loading import COMPUTE_CHOICES
+
+    parser.add_argument("model", metavar="MODEL", help="'smollm2-135m', a Hub id, an mlx-lm model directory or a .gguf file.")
+    parser.add_argument("--adapter", metavar="PATH",
+                        help="An adapter directory (adapters.safetensors + adapter_config.json) or a run directory.")
+    parser.add_argument("--data", required=True, metavar="DATA",
+                        help="Prompts: a JSONL file or a bundled set such as bundled:math/test.")
+    parser.add_argument("--format", default="auto", choices=["auto", *READERS], help="Record layout of the JSONL file.")
+    parser.add_argument("--out", metavar="DIR", help="Where the report goes (default: evals/MODEL[+ADAPTER]).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampler seed.")
+    parser.add_argument("--compute", default="auto", choices=COMPUTE_CHOICES, help="Weights in compute, as model.compute.")
+    hints = typing.get_type_hints(EvalConfig)
+    for field in dataclasses.fields(EvalConfig):
+        parser.add_argument(flag(field.name), dest=field.name, default=argparse.SUPPRESS, metavar="VALUE",
+                            type=_eval_option(field, hints[field.name]),
+                            help=f"{field.metadata['help']} (default: {field.default})".replace("%", "%%"))
+
+
+def adapter_directory(path: str) -> Path:
+    """The adapter directory named by --adapter: itself, or a run directory's adapters/."""
+    for candidate in (Path(path), Path(path) / "adapters"):
+        if (candidate / ADAPTER_WEIGHTS).is_file():
+            return candidate
+    raise UserError(f"no adapter in {path}; give a directory with {ADAPTER_WEIGHTS} and adapter_config.json "
+                    "(such as runs/quickstart/adapters) or a run directory", key="--adapter")
+
+
+def default_out(model: str, adapter: Path | None) -> Path:
+    name = Path(model).name.removesuffix(".gguf")
+    if adapter is not None:
+        name += "+" + (adapter.parent.name if adapter.name == "adapters" else adapter.name)
+    return EVALS_DIR / name
+
+
+def run(args) -> int:
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
+    try:
+        eval_config = EvalConfig(**options)
+    except UserError as error:
+        raise rekeyed(error, flag(error.key.split(".")[-1])) from None
+    if args.seed < 0:
+        raise UserError(f"expected a seed of 0 or more, got {args.seed}", key="--seed")
+    if not args.data.startswith(BUNDLED_PREFIX) and not Path(args.data).is_file():
+        raise UserError(f"file not found: {args.data}; give a JSONL file or a bundled set such as bundled:math/test",
+                        key="--data")
+    adapter = adapter_directory(args.adapter) if args.adapter else None
+    try:
+        records = read_prompts(args.data, args.format, key="--data")[: eval_config.max_prompts]
+    except UserError as error:
+        raise rekeyed(error, "--data") from None
+    loaded = load_named(args.model, "MODEL", compute=args.compute)
+    if adapter is not None:
+        try:
+            load_adapter(loaded.model, adapter)
+        except UserError as error:
+            raise rekeyed(error, "--adapter") from None
+    judge = eval_config.judge_model and load_judge(eval_config.judge_model, loaded, args.seed, key="--judge-model")
+    logger.info(f"answering {len(records)} prompts{' with the adapter off and on' if adapter else ''}")
+    rows, metrics = evaluate(loaded.model, loaded.tokenizer, records, eval_config, args.seed,
+                             adapted=adapter is not None, judge=judge)
+    out = Path(args.out) if args.out else default_out(args.model, adapter)
+    header = report_header(loaded.source, str(adapter) if adapter else "none", args.data, records, eval_config, args.seed)
+    write_outputs(out, rows, metrics, header)
+    print((out / "report.md").read_text(encoding="utf-8").split("## Examples")[0])
+    print(f"wrote {out}/answers.jsonl, metrics.json and report.md")
+    return 0
