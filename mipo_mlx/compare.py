@@ -40,13 +40,12 @@ from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.judge import judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
-from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, whole_set
+from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
 from mipo_mlx.trainer import ADAPTERS_DIR, is_held_out, read_pairs
 
 COMPARE_DIR = "compare"
-SIDES = ("base", "adapted")
 PROMPT_FORMATS = {
     "math": "{shots}-shot chain of thought (the GSM8K exemplars of Wei et al. 2022), exact match of the final number",
     "mc": "zero-shot, choices listed as 'A. ...', exact match of the letter after 'The answer is: X'",

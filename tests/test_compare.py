@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from mipo_mlx.compare import score
+from mipo_mlx.compare import mutual_information, score
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.generation import Answer
+from mipo_mlx.loading import load_model
+from mipo_mlx.lora import apply_lora
 from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p, repetition_loop, self_bleu
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.preferences import check, check_all, detect_language
+from mipo_mlx.recipe import LoraConfig
 
 
 @pytest.mark.parametrize("preference, passing, failing", [
@@ -96,6 +99,21 @@ def test_a_loop_in_the_right_language_passes_the_language_check_and_shows_as_a_l
     _, metrics = score(records, {"base": base, "adapted": adapted}, samples=100, seed=0)
     assert (metrics["adherence/language"]["before"], metrics["adherence/language"]["after"]) == (0.0, 1.0)
     assert (metrics["repetition_loop"]["before"], metrics["repetition_loop"]["after"]) == (0.0, 1.0)
+
+
+def test_mutual_information_on_held_out_pairs_before_and_after(tiny_model_dirs):
+    from test_lora import move_adapter
+
+    loaded = load_model(str(tiny_model_dirs[("llama", False)]))
+    move_adapter(apply_lora(loaded.model, LoraConfig(rank=4)))
+    examples = [("What should I cook?", "I live in Paris.", "Une soupe."), ("How do I relax?", "I love the sea.", "Walk.")]
+    # drop_context pairs: the negative prompt is the question without the user's context.
+    pairs = [{"prompt": [{"role": "system", "content": context}, {"role": "user", "content": question}],
+              "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": "Chess."}],
+              "mipo": {"negative_prompt": [{"role": "user", "content": question}]}} for question, context, chosen in examples]
+    metrics = mutual_information(loaded.model, loaded.tokenizer, pairs, beta=0.1, samples=100, seed=0)
+    assert metrics["mutual_information/pmi"]["n"] == 2 and metrics["mutual_information/pmi"]["before"] != 0
+    assert metrics["rewards/margins"]["before"] == 0 and metrics["rewards/margins"]["after"] != 0
 
 
 def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_dirs):
