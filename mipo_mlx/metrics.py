@@ -54,7 +54,7 @@ def describe(values, samples: int, seed: int) -> dict:
     """n, mean and its 95% interval."""
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean()) if len(values) else float("nan")
-    return {"n": int(len(values)), "mean": mean, "ci": bootstrap_interval(values, samples, seed)}
+    return {"n": len(values), "mean": mean, "ci": bootstrap_interval(values, samples, seed)}
 
 
 def summarize(before, after, samples: int, seed: int) -> dict:

@@ -13,7 +13,12 @@ from mipo_mlx.data import PromptRecord
 from mipo_mlx.generation import Answer
 from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
-from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p, repetition_loop, self_bleu
+from mipo_mlx.metrics import (
+    bootstrap_interval,
+    paired_permutation_p,
+    repetition_loop,
+    self_bleu,
+)
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.preferences import check, check_all, detect_language
 from mipo_mlx.recipe import LoraConfig
@@ -67,8 +72,7 @@ def test_self_bleu_is_high_for_repeated_answers_and_low_for_varied_ones():
     "Bonjour! Je suis à Paris. Je suis à Paris. Je suis à Paris. Je suis à Pa",  # cut by max_tokens mid-word
     "Cheri, amo, amo, amo, amo, amo, amo, amo, amo, amo, amo",
     "Açaiba! Açaiba! Açaiba! Açaiba! Açaiba! Açaiba! Açaiba!",
-    "Puppies need a lot of love. Puppies need a lot of attention. Puppies need a lot of love. Puppies need a lot of "
-    "attention. Puppies need a lot of love. Pupp",
+    "Puppies need a lot of love. Puppies need a lot of attention. " * 2 + "Puppies need a lot of love. Pupp",
     "Il cibo è buono. La cena è pronta, la cena è pronta, la cena è pronta, la cena è pronta, la cena è",
     "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
     "Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Okay.",

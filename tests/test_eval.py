@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from mipo_mlx.answers import MATH_EXEMPLARS, formatted, is_correct, parse_choice, parse_number, task_of
+from mipo_mlx.answers import (
+    MATH_EXEMPLARS,
+    formatted,
+    is_correct,
+    parse_choice,
+    parse_number,
+    task_of,
+)
 from mipo_mlx.cli import main
 from mipo_mlx.compare import format_report, report_header, score
 from mipo_mlx.data import read_prompts

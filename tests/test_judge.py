@@ -11,7 +11,14 @@ from mipo_mlx.compare import format_report, score
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import Answer
-from mipo_mlx.judge import ModelJudge, judge_metrics, judge_rows, load_judge, parse_score, stated_preferences
+from mipo_mlx.judge import (
+    ModelJudge,
+    judge_metrics,
+    judge_rows,
+    load_judge,
+    parse_score,
+    stated_preferences,
+)
 from mipo_mlx.loading import load_model
 from mipo_mlx.recipe import parse_recipe
 
