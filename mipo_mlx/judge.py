@@ -27,6 +27,7 @@ the data has a reference answer (a record's "reference" field), each side's win 
 over the reference, with judge/win_rate_vs_reference comparing them before/after.
 """
 
+import logging
 import re
 
 from mipo_mlx.chat import encode_prompt
@@ -35,6 +36,7 @@ from mipo_mlx.generation import SamplerSettings, derived_seed, generate_answers
 from mipo_mlx.lora import adapter_disabled
 from mipo_mlx.metrics import per_side, whole_set, win_rate
 
+logger = logging.getLogger("mipo_mlx")
 JUDGE_SETTINGS = SamplerSettings(temperature=0.1, top_p=0.9, max_tokens=24)  # the paper's judge sampler
 RUBRIC = (
     "You are judging how well a response follows a preference its user stated.\n\n"
@@ -127,7 +129,10 @@ def judge_rows(judge, records, rows: list[dict]) -> None:
             for preference in preferences:
                 asked.append((row, side))
                 conversations.append(judge_prompt(preference, record.question, answer))
-    for (row, side), reply in zip(asked, judge(conversations) if conversations else []):
+    if not conversations:
+        return
+    logger.info(f"judge: scoring {len(conversations)} (answer, preference) pairs")
+    for (row, side), reply in zip(asked, judge(conversations)):
         row["judge"]["replies"].setdefault(side, []).append(reply)
         row["judge"]["scores"].setdefault(side, []).append(parse_score(reply))
     for row in rows:
