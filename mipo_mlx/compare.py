@@ -38,7 +38,7 @@ from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
-from mipo_mlx.judge import judge_metrics, judge_rows, load_judge
+from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
 from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
@@ -175,7 +175,8 @@ def report_header(model: str, adapter: str, data: str, records, eval_config, see
     for task in sorted({task_of(r) for r in records} - {None}):
         header[f"{task} prompt"] = PROMPT_FORMATS[task].format(shots=eval_config.math_shots)
     if eval_config.judge_model:
-        header["judge"] = f"{eval_config.judge_model} (1 to 5 per stated preference; temperature 0.1, top_p 0.9)"
+        header["judge"] = (f"{eval_config.judge_model} (1 to 5 per stated preference; temperature "
+                           f"{JUDGE_SETTINGS.temperature}, top_p {JUDGE_SETTINGS.top_p})")
     return header
 
 
