@@ -124,16 +124,20 @@ def usage(inputs: CardInputs) -> str:
     """How to load each exported format, with this repository's id when known."""
     repo = inputs.repo_id or "REPO_ID"
     base = inputs.base_model
-    mlx_base = inputs.recipe.model.path
+    trained_on = inputs.recipe.model.path
+    # mlx-lm loads Hub ids and model folders, not mipo-mlx's embedded name nor a GGUF file.
+    mlx_base = trained_on if _looks_like_hub_id(trained_on) else base
     parts = []
     if "mlx" in inputs.formats:
         parts += ["### mlx-lm (adapter)", "", "```bash", f'hf download {repo} --include "mlx/*" --local-dir mipo-adapter',
                   f"mlx_lm.generate --model {mlx_base} --adapter-path mipo-adapter/mlx --prompt \"Hello\"", "```", "",
                   "```python", "from mlx_lm import load, generate",
                   f'model, tokenizer = load("{mlx_base}", adapter_path="mipo-adapter/mlx")', "```", ""]
-        if mlx_base == "smollm2-135m":
-            parts += ["`smollm2-135m` is the SmolLM2-135M-Instruct Q4_1 GGUF that mipo-mlx embeds; with plain mlx-lm "
-                      f"use `{base}` or the `fused/` folder.", ""]
+        if mlx_base != trained_on:
+            embedded = " (the SmolLM2-135M-Instruct Q4_1 GGUF that mipo-mlx embeds)" if trained_on == "smollm2-135m" else ""
+            exact = "; the `fused/` folder reproduces the adapted model exactly" if "fused" in inputs.formats else ""
+            parts += [f"The adapter was trained on `{trained_on}`{embedded}. `{mlx_base}` is the checkpoint it was "
+                      f"quantized from, so its outputs differ slightly{exact}.", ""]
     if "peft" in inputs.formats:
         parts += ["### PEFT (transformers)", "", "```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -17,7 +17,9 @@ from mipo_mlx.errors import UserError
 from mipo_mlx.export import export_run
 from mipo_mlx.gguf import load_gguf
 from mipo_mlx.loading import is_quantized
+from mipo_mlx.model_card import CardInputs, usage
 from mipo_mlx.pipeline import reopen_run
+from mipo_mlx.recipe import parse_recipe
 
 
 def parse_args(*argv) -> argparse.Namespace:
@@ -106,6 +108,17 @@ def test_card_front_matter_metrics_examples_and_curve(tmp_path):
     svg = (tmp_path / "out" / "training_curve.svg").read_text()
     assert svg.count("<polyline") == 3 and "![training curve](training_curve.svg)" in card
     assert "rank: 4" in card.split("## Recipe")[1]
+
+
+def test_card_of_an_embedded_model_run_names_a_base_mlx_lm_can_load(tmp_path):
+    run_dir = make_run(tmp_path, "llama")
+    recipe = parse_recipe((run_dir / "recipe.yaml").read_text(), "recipe.yaml")
+    recipe.model.path = "smollm2-135m"
+    text = usage(CardInputs(run_dir=run_dir, recipe=recipe, formats=["mlx", "fused"],
+                            base_model="HuggingFaceTB/SmolLM2-135M-Instruct", adapter_config={}))
+    assert 'load("HuggingFaceTB/SmolLM2-135M-Instruct", adapter_path="mipo-adapter/mlx")' in text
+    assert "--model smollm2-135m" not in text
+    assert "Q4_1 GGUF" in text and "the `fused/` folder reproduces the adapted model exactly" in text
 
 
 def test_export_needs_a_new_folder_and_a_trained_adapter(tmp_path):
