@@ -178,3 +178,33 @@ def test_bundled_personalization_splits_by_profile_and_question():
     assert not {r.question for r in train} & {r.question for r in test}
     kinds = {p["kind"] for r in train for p in r.extras["preferences"]}
     assert kinds == {"language", "case", "max_words", "list_format", "opening", "closing", "mention", "avoid"}
+
+
+def test_nucleus_sampler_draws_from_mlx_lm_distribution_including_wide_nuclei():
+    from mipo_mlx.generation import NUCLEUS_CANDIDATES, SamplerSettings
+
+    vocab, draws, temperature, top_p = 4 * NUCLEUS_CANDIDATES, 4000, 0.7, 0.9
+    peaked = -0.05 * mx.arange(vocab, dtype=mx.float32)  # nucleus of a few dozen tokens
+    flat = -1e-5 * mx.arange(vocab, dtype=mx.float32)  # nucleus of ~3700 tokens, wider than the candidates
+    logits = mx.stack([peaked, flat] * (draws // 2))
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (draws, vocab)
+    mx.random.seed(0)
+    tokens = SamplerSettings(temperature, top_p, 8).sampler()(logprobs)  # (draws,)
+    peaked_tokens, flat_tokens = tokens[0::2].tolist(), tokens[1::2].tolist()
+
+    # mlx-lm's definition: keep a token while the mass of the more likely ones is under top_p, then temper.
+    def nucleus_probabilities(row):
+        probs = mx.exp(row)
+        mass_above = mx.cumsum(probs) - probs
+        kept = mx.where(mass_above < top_p, row / temperature, -float("inf"))
+        return mx.softmax(kept), int((mass_above < top_p).sum().item())
+
+    expected, peaked_size = nucleus_probabilities(logprobs[0])
+    counts = mx.zeros(vocab).at[mx.array(peaked_tokens)].add(1.0) / len(peaked_tokens)
+    assert 0.5 * mx.abs(counts - expected).sum().item() < 0.06  # total variation, ~3x the sampling noise
+    assert max(peaked_tokens) < peaked_size
+
+    _, flat_size = nucleus_probabilities(logprobs[1])
+    assert flat_size > NUCLEUS_CANDIDATES
+    assert max(flat_tokens) < flat_size
+    assert sum(t >= NUCLEUS_CANDIDATES for t in flat_tokens) > len(flat_tokens) // 2  # the wide rows use the whole nucleus
