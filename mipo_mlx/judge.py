@@ -15,9 +15,11 @@ paper's judge does: temperature 0.1, top_p 0.9. An answer's score is the mean ov
 preferences.
 
 Replies are read by parse_score: "4", "Score: 4", "**4**", "4/5", "I'd give it a 4" are 4.
-A reply with no number from 1 to 5, or with several numbers and no word saying which is
-the score, is missing: it is counted and reported (judge/replies_without_score), never
-read as a number. An answer whose every reply is missing has no score.
+An explicit form ("N/5", then "Score: N", "Rating: N") wins over a bare number, and the
+numbers of a numbered list ("1. ...", "2) ...", "(3) ..." at line starts, counting from 1)
+are never read as the score: "1. The answer is in French." has none. A reply with no
+number from 1 to 5, or with several numbers and no word saying which is the score, is
+missing: it is counted and reported (judge/replies_without_score), never read as a number. An answer whose every reply is missing has no score.
 
 Metrics: judge/score (mean score, before/after with intervals and the paired test, over
 prompts where both answers have a score); judge/win_rate/adapted_vs_base, the share of
@@ -50,10 +52,24 @@ NUMBER = r"\d+(?:\.\d+)?"
 OUT_OF_FIVE = re.compile(rf"({NUMBER})\s*(?:/|out of)\s*5\b", re.IGNORECASE)
 NAMED_SCORE = re.compile(rf"\b(?:score|rating|rate|grade|give(?: it)?)\b[^\d\n]{{0,20}}?({NUMBER})", re.IGNORECASE)
 ANY_NUMBER = re.compile(rf"(?<![\d.]){NUMBER}")
+LIST_NUMBER = re.compile(r"\s*\(?(\d+)[.)][ \t]+(?=\S)")  # "1. text", "2) text", "(3) text"; not "5." alone
+
+
+def without_list_numbers(reply: str) -> str:
+    """The reply with the numbers of a numbered list taken out: line starts counting 1, 2, 3, ..."""
+    lines, expected = [], 1
+    for line in reply.splitlines():
+        marker = LIST_NUMBER.match(line)
+        # Only a count from 1: "4. It follows the preference." is a score, not the fourth item of a list.
+        if marker and int(marker[1]) == expected:
+            line, expected = line[marker.end():], expected + 1
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def parse_score(reply: str) -> float | None:
     """The judge's score from 1 to 5, or None when the reply does not give one."""
+    reply = without_list_numbers(reply)
     for pattern in (OUT_OF_FIVE, NAMED_SCORE):
         # The last one: a judge that first echoes the rubric ("score it from 1 to 5") gives its score after.
         named = pattern.findall(reply)

@@ -36,6 +36,21 @@ def test_judge_replies_are_read_robustly_and_no_score_stays_missing(reply, expec
     assert parse_score(reply) == expected
 
 
+@pytest.mark.parametrize("reply, expected", [
+    ("1. The answer is in French and mentions Paris. Score: 4", 4),
+    ("1) The answer is in French.\n2) It mentions Paris.\nRating: 5", 5),
+    ("1. The answer is in French.\n2. It mentions Paris.\n4/5", 4),
+    ("1. The answer is in French, so 4", 4),  # the list number taken out, one number is left
+    ("(1) It answers in French.\n(2) It is short.\n3", 3),
+    ("1. The answer is in French.", None),  # a list number alone is no score
+    ("1) It follows the preference.\n2) It is short.", None),
+    ("4. It follows the preference well.", 4),  # no list starts at 4: the number is the score
+    ("1.", 1), ("1", 1),
+])
+def test_a_leading_list_number_is_never_read_as_the_score(reply, expected):
+    assert parse_score(reply) == expected
+
+
 class StubJudge:
     """Replies by the answer being judged: the reply text for the first key found in the prompt."""
 
