@@ -5,7 +5,9 @@
 One loaded model answers each held-out prompt twice, adapter off and on, with the same
 sampler and seed. Written to RUN_DIR/compare/: answers.jsonl (side by side, with the
 per-prompt preference checks), metrics.json and report.md. Every metric has its sample
-size, a bootstrap 95% interval, and a paired permutation test of after vs before:
+size, a bootstrap 95% interval, and a paired permutation test of after vs before (a
+metric with nothing to measure, such as Self-BLEU of one answer, is null in metrics.json
+and n/a in the report):
 - mutual information on the held-out pairs (those the trainer set aside): the PMI
   estimate log p(y | x) - log p(y | x'), with y the chosen answer, x its prompt and x'
   the prompt the negative came from, under the base and under the adapted model; and the
@@ -28,6 +30,7 @@ is its mean with an interval.
 """
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
-from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
+from mipo_mlx.metrics import json_ready, per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
 from mipo_mlx.trainer import ADAPTERS_DIR, is_held_out, read_pairs
@@ -116,10 +119,26 @@ def mutual_information(model, tokenizer, pairs: list[dict], beta: float, samples
     }
 
 
+def defined(*values) -> bool:
+    """Whether every value is a number: an undefined one is NaN in memory and None read back from metrics.json."""
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def cell(value, interval=None, spec: str = ".3g") -> str:
+    """A number for the report, with its 95% interval when that is defined; "n/a" for an undefined number."""
+    if not defined(value):
+        return "n/a"
+    shown_interval = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval is not None and defined(*interval) else ""
+    return format(value, spec) + shown_interval
+
+
+def change(m: dict):
+    return m["after"] - m["before"] if defined(m["before"], m["after"]) else None
+
+
 def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
     """The Markdown report: header, the metrics table (before/after, or one side), a few examples."""
     paired = any("after" in m for m in metrics.values())
-    ci = lambda pair: f"[{pair[0]:.3g}, {pair[1]:.3g}]"
     lines = ["# Before and after" if paired else "# Evaluation", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
     if paired:
@@ -129,18 +148,18 @@ def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
         lines += ["", "| metric | n | mean [95% CI] |", "| --- | --- | --- |"]
     for name, m in metrics.items():
         if "p_value" in m:
-            lines.append(f"| {name} | {m['n']} | {m['before']:.3g} {ci(m['before_ci'])} | {m['after']:.3g} {ci(m['after_ci'])} "
-                         f"| {m['after'] - m['before']:+.3g} {ci(m['difference_ci'])} | {m['p_value']:.3g} |")
+            lines.append(f"| {name} | {m['n']} | {cell(m['before'], m['before_ci'])} | {cell(m['after'], m['after_ci'])} "
+                         f"| {cell(change(m), m['difference_ci'], '+.3g')} | {cell(m['p_value'])} |")
         elif "after" in m:  # a statistic of the whole set (Self-BLEU): no interval
-            lines.append(f"| {name} | {m['n']} | {m['before']:.3g} | {m['after']:.3g} | {m['after'] - m['before']:+.3g} | |")
+            lines.append(f"| {name} | {m['n']} | {cell(m['before'])} | {cell(m['after'])} | {cell(change(m), spec='+.3g')} | |")
         elif "mean" in m:
-            lines.append(f"| {name} | {m['n']} | {m['mean']:.3g}{' ' + ci(m['ci']) if 'ci' in m else ''} |")
+            lines.append(f"| {name} | {m['n']} | {cell(m['mean'], m.get('ci'))} |")
     wins = {name: m for name, m in metrics.items() if "wins" in m}
     if wins:
         lines += ["", "## Win rates (judge)", "", "| comparison | n | win rate, ties as wins [95% CI] | wins | ties | losses |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {m['value']:.3g} {ci(m['ci'])} "
-                  f"| {m['wins']:.3g} | {m['ties']:.3g} | {m['losses']:.3g} |" for name, m in wins.items()]
+        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {cell(m['value'], m['ci'])} "
+                  f"| {cell(m['wins'])} | {cell(m['ties'])} | {cell(m['losses'])} |" for name, m in wins.items()]
     lines += ["", "## Examples", ""]
     for row in rows[:3]:
         question = row["prompt"][-1]["content"]
@@ -184,7 +203,7 @@ def write_outputs(out_dir: Path, rows: list[dict], metrics: dict, header: dict) 
     """answers.jsonl, metrics.json and report.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
     (out_dir / "report.md").write_text(format_report(metrics, rows, header), encoding="utf-8")
 
 

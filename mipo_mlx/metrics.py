@@ -8,6 +8,10 @@
     win_rate([1, 0, -1, 1], 1000, 0)      # wins, ties and losses; ties count as wins (the paper's way)
     self_bleu(answers)                    # similarity of the answers to each other (lower: more diverse)
     repetition_loop(answer)               # True when the answer fell into a repetition loop
+    json_ready(metrics)                   # undefined values (NaN) as None, for metrics.json
+
+A statistic of no values (the mean of an empty sample, its interval, the p-value of no
+pairs, Self-BLEU of fewer than two answers) is NaN here and null in metrics.json.
 """
 
 import math
@@ -40,7 +44,9 @@ def bootstrap_interval(values, samples: int = 1000, seed: int = 0) -> tuple[floa
 def paired_permutation_p(before, after, samples: int = 1000, seed: int = 0) -> float:
     """Two-sided p-value that after - before has mean 0, by random sign flips of the paired differences."""
     diffs = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
-    if len(diffs) == 0 or not diffs.any():
+    if len(diffs) == 0:
+        return float("nan")
+    if not diffs.any():
         return 1.0
     observed = abs(diffs.mean())
     rng = np.random.default_rng(seed)
@@ -93,6 +99,17 @@ def win_rate(outcomes, samples: int, seed: int) -> dict:
     share = lambda value: float((outcomes == value).mean()) if len(outcomes) else float("nan")
     return {"n": wins_or_ties["n"], "value": wins_or_ties["mean"], "ci": wins_or_ties["ci"],
             "wins": share(1), "ties": share(0), "losses": share(-1)}
+
+
+def json_ready(value):
+    """`value` with every NaN or infinite number replaced by None: JSON has no NaN, strict readers refuse it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def self_bleu(texts: list[str], max_n: int = 4) -> float:

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from mipo_mlx.compare import mutual_information, score
+from mipo_mlx.compare import mutual_information, score, write_outputs
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.generation import Answer
+from mipo_mlx.judge import judge_metrics, judge_rows
 from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.metrics import (
@@ -19,6 +20,7 @@ from mipo_mlx.metrics import (
     repetition_loop,
     self_bleu,
 )
+from mipo_mlx.model_card import before_after
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.preferences import check, check_all, detect_language
 from mipo_mlx.recipe import LoraConfig
@@ -105,6 +107,37 @@ def test_a_loop_in_the_right_language_passes_the_language_check_and_shows_as_a_l
     assert (metrics["repetition_loop"]["before"], metrics["repetition_loop"]["after"]) == (0.0, 1.0)
 
 
+def strict_json(text: str):
+    """json.loads refusing NaN and Infinity, as strict JSON readers do."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_metrics_are_null_in_metrics_json_and_n_a_in_the_report(tmp_path):
+    # One prompt (Self-BLEU needs two answers) and a judge that never gives a score (no prompt scored on both sides).
+    records = [PromptRecord("p0", "What can I cook?", "Answer in Italian.")]
+    rows, metrics = score(records, {"base": [Answer("Pasta.", [1], "stop")], "adapted": [Answer("Pasta!", [1], "stop")]},
+                          samples=100, seed=0)
+    judge_rows(lambda conversations: ["I cannot tell."] * len(conversations), records, rows)
+    metrics.update(judge_metrics(rows, samples=100, seed=0))
+    write_outputs(tmp_path / "compare", rows, metrics, {"model": "tiny"})
+    written = strict_json((tmp_path / "compare" / "metrics.json").read_text())
+    assert written["self_bleu"] == {"n": 1, "before": None, "after": None}
+    assert written["judge/score"] == {"n": 0, "before": None, "before_ci": [None, None], "after": None,
+                                      "after_ci": [None, None], "difference_ci": [None, None], "p_value": None}
+    assert written["judge/win_rate/adapted_vs_base"]["value"] is None
+    assert written["answer_tokens"]["before"] == 1  # defined values stay as they were
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "| self_bleu | 1 | n/a | n/a | n/a | |" in report
+    assert "| judge/score | 0 | n/a | n/a | n/a | n/a |" in report
+    assert "| adapted_vs_base | 0 | n/a | n/a | n/a | n/a |" in report
+    # The model card reads metrics.json back, nulls included.
+    assert "| judge/score | 0 | n/a | n/a | n/a | n/a |" in before_after(tmp_path)
+
+
 def test_mutual_information_on_held_out_pairs_before_and_after(tiny_model_dirs):
     from test_lora import move_adapter
 
@@ -134,7 +167,7 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
     rows = [json.loads(line) for line in (run.dir / "compare" / "answers.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["t0", "t1", "t2"]
     assert all(set(r["checks"]) == {"base", "adapted"} and "language" in r["checks"]["base"] for r in rows)
-    metrics = json.loads((run.dir / "compare" / "metrics.json").read_text())
+    metrics = strict_json((run.dir / "compare" / "metrics.json").read_text())
     assert metrics["adherence/language"]["n"] == 3
     assert {"before_ci", "after_ci", "p_value"} <= set(metrics["answer_tokens"])
     assert metrics["repetition_loop"]["n"] == 3 and all(set(r["loop"]) == {"base", "adapted"} for r in rows)
