@@ -22,6 +22,10 @@ import numpy as np
 
 # Words and single punctuation marks: a loop of "no, no, no," has the period ("no", ",").
 LOOP_TOKEN = re.compile(r"\w+|[^\w\s]")
+# Marks that lay out text and repeat by design: table pipes, and runs such as "|---|---|",
+# "-----", "=====", dot leaders or "**". They are left out before looking for a loop; a
+# sentence's own "." or a hyphen stays, and so does a run of "!" (an answer that loops on it).
+LAYOUT = re.compile(r"\||[-=_*~.:#+]{2,}")
 # Calibrated on the quickstart's answers: an answer cut by max_tokens after two and a half
 # rounds of the same sentence is a loop; no answer that did not loop repeats that much.
 LOOP_MAX_PERIOD = 30  # longest repeated unit looked for at the end, in tokens
@@ -148,13 +152,14 @@ def repetition_loop(text: str) -> bool:
     """True when the answer ends in one unit repeated (a word, a phrase, a sentence) or mostly repeats itself.
 
     The end of the answer is checked twice, with and without its last token, since an answer
-    cut by max_tokens often stops inside the unit ("... à Paris. Je suis à Pa").
+    cut by max_tokens often stops inside the unit ("... à Paris. Je suis à Pa"). Layout marks
+    (LAYOUT) are left out first: a wide table's "|---|---|---|" or a rule of dashes is no loop.
     """
-    tokens = LOOP_TOKEN.findall(text.lower())
+    tokens = LOOP_TOKEN.findall(LAYOUT.sub(" ", text.lower()))
     for end in (len(tokens), len(tokens) - 1):
         for period in range(1, min(LOOP_MAX_PERIOD, int(end / LOOP_MIN_REPEATS)) + 1):
             span = _periodic_tail(tokens[:end], period)
-            # The unit must hold a word: a row of dashes or dots is a table or an ellipsis.
+            # The unit must hold a word: marks alone repeat as table cells ("| ✓ | ✓ | ✓ |").
             has_word = any(t[0].isalnum() for t in tokens[end - period : end])
             if has_word and span >= max(LOOP_MIN_REPEATS * period, LOOP_MIN_SPAN):
                 return True

@@ -78,6 +78,10 @@ def test_self_bleu_is_high_for_repeated_answers_and_low_for_varied_ones():
     "Il cibo è buono. La cena è pronta, la cena è pronta, la cena è pronta, la cena è pronta, la cena è",
     "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
     "Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Try tea. Then rest. Okay.",
+    "I like cats. I like cats. I like cats. I like cats. I like cats. I like cats.",
+    "I like cats... I like cats... I like cats... I like cats... I like cats...",  # the ellipses left out, still a loop
+    "| Day | Plan |\n|---|---|\n| Mon | I like cats. I like cats. I like cats. I like cats. I like cats. I like",
+    "Here is your plan: walk every day, walk every day, walk every day, walk every day, walk every day, walk",
 ])
 def test_repetition_loops_are_caught(answer):
     assert repetition_loop(answer)
@@ -93,6 +97,25 @@ def test_repetition_loops_are_caught(answer):
     "",
 ])
 def test_ordinary_answers_are_not_loops(answer):
+    assert not repetition_loop(answer)
+
+
+WIDE_HEADER = "| " + " | ".join(f"week {i}" for i in range(1, 13)) + " |\n"
+
+
+@pytest.mark.parametrize("answer", [
+    WIDE_HEADER + "|---" * 12 + "|",  # a table cut after its separator row
+    WIDE_HEADER + "| --- " * 12 + "|\n| " + " | ".join(str(i) for i in range(12)) + " |",
+    WIDE_HEADER + "|:---:" * 12 + "|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "Shopping list\n" + "-" * 60 + "\nBread, milk and eggs.",
+    "Shopping list\n" + "-----" * 12,
+    "Results\n" + "=" * 40,
+    "Chapter one " + "." * 40 + " 5\nChapter two " + "." * 40 + " 9",  # dot leaders
+    "| Day | " + " | ".join(["✓"] * 12) + " |",  # marks alone in table cells
+    "**Plan**\n\n---\n\n**Monday**: walk.\n\n---\n\n**Tuesday**: swim.\n\n---\n\n**Wednesday**: rest.\n\n---",
+])
+def test_table_separators_rules_and_leaders_are_not_loops(answer):
     assert not repetition_loop(answer)
 
 
