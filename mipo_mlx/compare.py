@@ -208,9 +208,9 @@ def write_outputs(out_dir: Path, rows: list[dict], metrics: dict, header: dict) 
 
 
 def compare(loaded, adapter_dir: Path, data: str, out_dir: Path, eval_config, seed: int, events=None, data_format="auto",
-            held_out_pairs: list[dict] = (), beta: float = 0.1) -> dict:
+            on_bad_line="error", held_out_pairs: list[dict] = (), beta: float = 0.1) -> dict:
     """Answer, check and report; returns the metrics."""
-    records = read_prompts(data, data_format, key="data.test")[: eval_config.max_prompts]
+    records = read_prompts(data, data_format, on_bad_line, key="data.test")[: eval_config.max_prompts]
     model, tokenizer = loaded.model, loaded.tokenizer
     if not lora_layers(model):
         load_adapter(model, adapter_dir)
@@ -231,7 +231,8 @@ def run_stage(run) -> dict:
     held_out = [p for p in read_pairs(run.path(PAIRS_FILE)) if "negative_prompt" in p.get("mipo", {})
                 and is_held_out(p["mipo"]["prompt_id"], recipe.training.eval_fraction, recipe.seed)]
     metrics = compare(run.loaded_model(), run.path(ADAPTERS_DIR), recipe.data.test, run.path(COMPARE_DIR),
-                      recipe.eval, recipe.seed, run.events, recipe.data.format, held_out, recipe.training.beta)
+                      recipe.eval, recipe.seed, run.events, recipe.data.format, recipe.data.on_bad_line, held_out,
+                      recipe.training.beta)
     table = {name: {k: m[k] for k in ("n", "before", "after", "p_value", "value") if k in m} for name, m in metrics.items()}
     run.events.emit("stage_finished", stage="compare", seconds=time.time() - started, metrics=table)
     print((run.path(COMPARE_DIR) / "report.md").read_text(encoding="utf-8").split("## Examples")[0])

@@ -143,8 +143,12 @@ def detect_layout(row: dict) -> str:
     raise ValueError("expected 'messages', 'prompt', a GSM8K 'question'/'answer' or an ARC 'question' object")
 
 
-def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", key: str = "data.train") -> list[PromptRecord]:
-    """Records of a JSONL prompt file or bundled set; see the module docstring."""
+def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", key: str = "data.train",
+                 skip_with: str = "set data.on_bad_line: skip") -> list[PromptRecord]:
+    """Records of a JSONL prompt file or bundled set; see the module docstring.
+
+    A bad line's error ends with "fix the line or {skip_with}": the way to skip it where the reader was called.
+    """
     path = resolve_data_path(spec)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -168,7 +172,7 @@ def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", ke
                 skipped.append(f"line {number}: {reason}")
                 continue
             raise UserError(
-                f"{path}:{number}: {reason}; fix the line or set data.on_bad_line: skip", key=key
+                f"{path}:{number}: {reason}; fix the line or {skip_with}", key=key
             ) from None
         record.extras.update({k: v for k, v in row.items() if k not in KNOWN_EXTRAS})
         seen.add(record.id)

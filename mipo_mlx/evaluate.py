@@ -13,8 +13,10 @@ evals/MODEL or evals/MODEL+ADAPTER). Mutual information needs a run's held-out p
 so it is only in `mipo-mlx compare`.
 
 The flags after --data are the recipe's `eval` keys (--max-prompts, --temperature,
---top-p, --max-tokens, --bootstrap-samples, --math-shots, --judge-model) with the same
-defaults and checks; a bad value is one line naming the flag, exit status 2.
+--top-p, --max-tokens, --bootstrap-samples, --math-shots, --judge-model) and
+`data.on_bad_line` (--on-bad-line error|skip: a malformed line of --data stops the command
+or is skipped and counted), with the same defaults and checks; a bad value is one line
+naming the flag, exit status 2.
 """
 
 import argparse
@@ -23,29 +25,25 @@ import logging
 import typing
 from pathlib import Path
 
-import yaml
-
 from mipo_mlx.compare import evaluate, report_header, write_outputs
 from mipo_mlx.data import READERS, read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.judge import load_judge, load_named, rekeyed
 from mipo_mlx.lora import ADAPTER_WEIGHTS, load_adapter
-from mipo_mlx.recipe import BUNDLED_PREFIX, EvalConfig, _check_range, _coerce
+from mipo_mlx.recipe import BUNDLED_PREFIX, DataConfig, EvalConfig, field_value
 
 logger = logging.getLogger("mipo_mlx")
 EVALS_DIR = Path("evals")
 
 
-def _eval_option(field: dataclasses.Field, tp):
-    """argparse type for one EvalConfig key: read as YAML, checked as the recipe checks it."""
+def recipe_option(cls, name: str):
+    """argparse type for the recipe key `name` of section `cls`: read and checked as in a recipe."""
 
     def convert(text: str):
         try:
-            value = _coerce(yaml.safe_load(text) if text.strip() else None, tp, None, None)
-            _check_range(value, field.metadata, None, None)
-        except (UserError, yaml.YAMLError) as error:
+            return field_value(cls, name, text)
+        except UserError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
-        return value
 
     return convert
 
@@ -66,10 +64,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR", help="Where the report goes (default: evals/MODEL[+ADAPTER]).")
     parser.add_argument("--seed", type=int, default=0, help="Sampler seed.")
     parser.add_argument("--compute", default="auto", choices=COMPUTE_CHOICES, help="Weights in compute, as model.compute.")
-    hints = typing.get_type_hints(EvalConfig)
+    on_bad_line = next(f for f in dataclasses.fields(DataConfig) if f.name == "on_bad_line")
+    choices = typing.get_args(typing.get_type_hints(DataConfig)["on_bad_line"])
+    parser.add_argument("--on-bad-line", default=on_bad_line.default, metavar="{" + ",".join(choices) + "}",
+                        type=recipe_option(DataConfig, "on_bad_line"),
+                        help=f"{on_bad_line.metadata['help']} (default: {on_bad_line.default})")
     for field in dataclasses.fields(EvalConfig):
         parser.add_argument(flag(field.name), dest=field.name, default=argparse.SUPPRESS, metavar="VALUE",
-                            type=_eval_option(field, hints[field.name]),
+                            type=recipe_option(EvalConfig, field.name),
                             help=f"{field.metadata['help']} (default: {field.default})".replace("%", "%%"))
 
 
@@ -102,7 +104,8 @@ def run(args) -> int:
                         key="--data")
     adapter = adapter_directory(args.adapter) if args.adapter else None
     try:
-        records = read_prompts(args.data, args.format, key="--data")[: eval_config.max_prompts]
+        records = read_prompts(args.data, args.format, args.on_bad_line, key="--data",
+                               skip_with="pass --on-bad-line skip")[: eval_config.max_prompts]
     except UserError as error:
         raise rekeyed(error, "--data") from None
     loaded = load_named(args.model, "MODEL", compute=args.compute)

@@ -270,6 +270,31 @@ def _check_range(value, meta: dict, where: str, file: str):
             raise UserError(f"expected a value {words} {meta[name]}, got {value!r}", file=file, key=where)
 
 
+def _checked(value, tp, meta: dict, where: str | None, file: str | None):
+    """`value` in field type `tp` and within the bounds in `meta`; a one-line UserError otherwise."""
+    value = _coerce(value, tp, where, file)
+    _check_range(value, meta, where, file)
+    return value
+
+
+def _text_value(text: str):
+    """A value typed on the command line, read as YAML; text that is not YAML stays text."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def field_value(cls, name: str, text: str):
+    """Key `name` of recipe section `cls` given as a command-line flag (`mipo-mlx eval --top-p 0.9`).
+
+    The text is read as `--set` reads a value and checked as the recipe checks the key; a
+    mistake is a UserError without a key, for the caller to name its flag.
+    """
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    return _checked(_text_value(text), typing.get_type_hints(cls)[name], meta, None, None)
+
+
 def _build(cls, raw, prefix: str, file: str):
     """Build dataclass `cls` from the mapping `raw`, checking every key."""
     if not isinstance(raw, dict):
@@ -288,8 +313,7 @@ def _build(cls, raw, prefix: str, file: str):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, where, file)
         else:
-            kwargs[key] = _coerce(value, tp, where, file)
-            _check_range(kwargs[key], fields[key].metadata, where, file)
+            kwargs[key] = _checked(value, tp, fields[key].metadata, where, file)
     try:
         return cls(**kwargs)
     except UserError as error:
@@ -301,10 +325,7 @@ def _apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise UserError(f"expected KEY=VALUE such as training.beta=0.2, got {override!r}", key="--set")
     dotted, _, text = override.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+    value = _text_value(text)
     node = raw
     *parents, leaf = dotted.strip().split(".")
     for part in parents:

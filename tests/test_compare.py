@@ -182,9 +182,10 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(json.dumps({"id": f"t{i}", "prompt": q, "context": "Please always answer me in French.",
                                              "preferences": [{"kind": "language", "value": "fr"}]}) + "\n"
-                                 for i, q in enumerate(["What can I cook?", "How do I relax?", "Any weekend idea?"])))
+                                 for i, q in enumerate(["What can I cook?", "How do I relax?", "Any weekend idea?"]))
+                         + "{not json\n")  # skipped, as data.on_bad_line says
     run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "cmp", "training.batch_size=2", "training.max_steps=2",
-                    f"data.test={test_file}", "eval.max_tokens=8", "eval.bootstrap_samples=100",
+                    f"data.test={test_file}", "data.on_bad_line=skip", "eval.max_tokens=8", "eval.bootstrap_samples=100",
                     f"eval.judge_model={tiny_model_dirs[('llama', False)]}")  # the run's own model, adapter off
     run_stages(run, ["train", "compare"])
     rows = [json.loads(line) for line in (run.dir / "compare" / "answers.jsonl").read_text().splitlines()]

@@ -187,9 +187,26 @@ def test_bad_model_and_bad_values_are_one_line_errors(capsys):
     assert capsys.readouterr().err.startswith("mipo-mlx: error: MODEL: not found: ./no-model; give 'smollm2-135m'")
     for flag, value, expected in [("--top-p", "2", "argument --top-p: expected a value at most 1.0, got 2.0"),
                                   ("--max-prompts", "x", "argument --max-prompts: expected an integer, got 'x'"),
-                                  ("--math-shots", "9", "argument --math-shots: expected a value at most 8, got 9")]:
+                                  ("--math-shots", "9", "argument --math-shots: expected a value at most 8, got 9"),
+                                  ("--on-bad-line", "skp", "argument --on-bad-line: expected one of 'error', 'skip', "
+                                                           "got 'skp'; did you mean 'skip'?")]:
         with pytest.raises(SystemExit) as exit_:
             main(["eval", "smollm2-135m", "--data", "bundled:math/test", flag, value])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err
+
+
+def test_a_bad_data_line_stops_eval_naming_the_flag_that_skips_it(tiny_model_dirs, tmp_path, capsys, caplog):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "What can I cook?"}\n{not json\n{"prompt": "How do I relax?"}\n')
+    model_dir = tiny_model_dirs[("llama", False)]
+    assert main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"mipo-mlx: error: --data: {data}:2: ")
+    assert err.strip().endswith("; fix the line or pass --on-bad-line skip")
+    assert main(["eval", str(model_dir), "--data", str(data), "--on-bad-line", "skip", "--out", str(tmp_path / "out"),
+                 "--max-tokens", "2", "--bootstrap-samples", "100"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2  # the good lines, the bad one skipped
+    assert "skipped 1 malformed line(s) (first: line 2: " in caplog.text
