@@ -3,6 +3,8 @@
 Each broken file says in its first line (`# expect: ...`) the message a user must see.
 """
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mipo_mlx.cli import COMMANDS, build_parser
 from mipo_mlx.errors import UserError
 from mipo_mlx.pipeline import open_run
 from mipo_mlx.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, recipe_reference
@@ -124,6 +127,18 @@ def test_run_directory_keeps_the_resolved_recipe_and_is_never_overwritten(tmp_pa
 
 def test_readme_recipe_reference_is_current():
     assert recipe_reference() in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_commands_table_has_every_command_with_flags_it_takes():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Commands\n", 1)[1].strip().split("\n\n", 1)[0]
+    usages = [re.split(r"(?<!\\)\|", line)[1].strip() for line in table.splitlines()[2:]]
+    rows = {usage.split()[1]: usage for usage in usages}
+    assert sorted(rows) == sorted(COMMANDS)
+    for name, usage in rows.items():
+        subcommands = next(a for a in build_parser(name)._actions if isinstance(a, argparse._SubParsersAction))
+        flags = {option for action in subcommands.choices[name]._actions for option in action.option_strings}
+        assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage)) <= flags, name
 
 
 def test_ci_runs_the_readme_test_command():
