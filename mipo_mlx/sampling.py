@@ -34,6 +34,7 @@ from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 PAIRS_FILE = "pairs.jsonl"
 SCORING_ROWS = 8  # sequences per reference forward; bounds the (rows, T, vocab) logits
+LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")  # line breaks to str.splitlines that json.dumps keeps raw
 
 
 @dataclass
@@ -132,9 +133,13 @@ class PairsFile:
                 # A kill mid-write leaves a partial last line; drop only that.
                 with open(path, "r+b") as f:
                     f.truncate(len(complete))
-            for line in complete.decode("utf-8").splitlines():
-                pair = json.loads(line)
-                self.written[pair["mipo"]["id"]] = pair
+            # Split on b"\n" only: str.splitlines would also split inside a string at U+2028 or U+0085.
+            for number, line in enumerate(complete.split(b"\n")[:-1], start=1):
+                try:
+                    pair = json.loads(line)
+                    self.written[pair["mipo"]["id"]] = pair
+                except (ValueError, TypeError, KeyError):
+                    raise UserError(f"{path}:{number}: not a pair written by mipo-mlx; move the file away to sample again") from None
         self._file = open(path, "a", encoding="utf-8")
 
     def known_answers(self) -> dict[str, Answer]:
@@ -149,7 +154,11 @@ class PairsFile:
         return answers
 
     def append(self, pair: dict) -> None:
-        self._file.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        line = json.dumps(pair, ensure_ascii=False)
+        # JSON leaves these raw in strings, but readers that split on them (str.splitlines) would tear the line.
+        for separator in LINE_SEPARATORS:
+            line = line.replace(separator, f"\\u{ord(separator):04x}")
+        self._file.write(line + "\n")
         self._file.flush()
         self.written[pair["mipo"]["id"]] = pair
 

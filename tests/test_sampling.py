@@ -1,6 +1,11 @@
 """MIPO pair sampling on the tiny model: strategies, reference log-probs, resume, data errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import mlx.core as mx
 import pytest
@@ -124,6 +129,85 @@ def test_same_seed_same_pairs_and_a_killed_run_resumes_exactly(tmp_path, tiny_mo
                                   "sampling.batch_size=2", name="clean"), ["sample"])
     assert summary["sample"]["generated_chunks"] == 0
     assert (clean.dir / "pairs.jsonl").stat().st_mtime_ns == before
+
+
+@pytest.fixture
+def start_sample(tmp_path):
+    """Starts `mipo-mlx sample RECIPE` in a child process, as a person runs it; none outlives the test."""
+    children = []
+
+    def start(recipe, name):
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "mipo_mlx.cli", "sample", str(recipe), "--set", f"run_name={name}"],
+                cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+            ))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def kill_after_lines(child, path, lines, timeout=120):
+    """SIGKILL the child as soon as `path` holds at least `lines` complete lines; what it holds then."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_bytes().count(b"\n") >= lines):
+        assert child.poll() is None, f"the run ended (status {child.returncode}) before it wrote {lines} pair(s)"
+        assert time.monotonic() < deadline, f"no {lines} pair(s) after {timeout} s"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the run finished before the kill; give it more prompts"
+    return path.read_bytes()
+
+
+def test_sample_command_killed_with_sigkill_resumes_to_the_clean_pairs(tmp_path, tiny_model_dirs, start_sample):
+    # drop_context with batch 2: one pair per chunk, so the run is many short steps and a kill lands mid-run.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{q} ({i})", "context": c}) + "\n"
+                               for i, (c, q) in enumerate(PROFILES * 6)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{path: {tiny_model_dirs[('llama', False)]}}}\ndata: {{train: {prompts}, test: null}}\n"
+                      f"output_dir: {tmp_path / 'runs'}\nsampling: {{negative: drop_context, batch_size: 2, "
+                      "max_tokens: 8, temperature: 0.8}\n")
+    clean = start_sample(recipe, "clean")
+    killed = tmp_path / "runs" / "killed" / "pairs.jsonl"
+    first = kill_after_lines(start_sample(recipe, "killed"), killed, 1)
+    assert clean.wait(timeout=120) == 0, (tmp_path / "clean.log").read_text()
+    expected = (tmp_path / "runs" / "clean" / "pairs.jsonl").read_bytes()
+    assert expected.count(b"\n") == len(PROFILES) * 6
+    assert expected.startswith(first) and len(first) < len(expected)
+
+    # A kill in the middle of a write leaves the start of the next line; the rerun drops it and makes it again.
+    complete = first[: first.rfind(b"\n") + 1]
+    next_line = expected[len(complete) : expected.index(b"\n", len(complete)) + 1]
+    killed.write_bytes(complete + next_line[: len(next_line) // 2])
+    rerun = start_sample(recipe, "killed")
+    assert rerun.wait(timeout=120) == 0, (tmp_path / "killed.log").read_text()
+    resumed = killed.read_bytes()
+    assert resumed == expected and resumed.endswith(b"\n")
+    ids = [json.loads(line)["mipo"]["id"] for line in resumed.splitlines()]
+    assert len(ids) == len(set(ids))
+
+
+def test_pairs_file_keeps_unicode_line_breaks_in_answers_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pairs = sampling.PairsFile(path)
+    meta = {"requests": {"chosen": "a/chosen", "rejected": "b/chosen"}, "finish": {"chosen": "stop", "rejected": "length"}}
+    for n, text in enumerate(["one\u2028two", "three\x85four\u2029"]):
+        pairs.append({"chosen": [{"content": text}], "rejected": [{"content": "x"}], "mipo": {"id": f"p{n}", **meta}})
+    pairs.close()
+    # Every reader's line splitting sees two lines, and a resume reads back the exact answers.
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2
+    reopened = sampling.PairsFile(path)
+    assert list(reopened.written) == ["p0", "p1"] and reopened.known_answers()["a/chosen"].text == "three\x85four\u2029"
+    reopened.close()
+
+    path.write_bytes(path.read_bytes() + b'{"not": "a pair"}\n')
+    with pytest.raises(UserError, match=rf"{path}:3: not a pair written by mipo-mlx"):
+        sampling.PairsFile(path)
 
 
 def test_filters_drop_and_count(tmp_path, tiny_model_dirs, prompts_file):
