@@ -151,7 +151,8 @@ def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", ke
     """
     path = resolve_data_path(spec)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only: str.splitlines also splits at U+2028 and U+0085, which JSON strings may hold raw.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {path} ({error.__class__.__name__})", key=key) from None
     records, skipped, seen = [], [], set()

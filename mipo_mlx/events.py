@@ -63,6 +63,11 @@ class EventLog:
     def __init__(self, path: str | Path, observers: list = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # A run killed mid-write leaves a partial last line; appending after it would merge two events.
+            raw = self.path.read_bytes()
+            with open(self.path, "r+b") as f:
+                f.truncate(raw.rfind(b"\n") + 1)
         self._file = open(self.path, "a", encoding="utf-8")
         self.observers = list(observers)
 

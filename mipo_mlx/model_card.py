@@ -168,7 +168,7 @@ def before_after(run_dir: Path) -> str:
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     rows = []
     if answers_path.is_file():
-        rows = [json.loads(line) for line in answers_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in answers_path.read_text(encoding="utf-8").split("\n") if line.strip()]
     report = format_report(metrics, rows[:EXAMPLES], header={})
     # The report is a document of its own: drop its title, nest its sections under the card's.
     body = report.split("\n", 1)[1].replace("\n## ", "\n### ")

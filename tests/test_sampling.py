@@ -292,3 +292,12 @@ def test_nucleus_sampler_draws_from_mlx_lm_distribution_including_wide_nuclei():
     assert flat_size > NUCLEUS_CANDIDATES
     assert max(flat_tokens) < flat_size
     assert sum(t >= NUCLEUS_CANDIDATES for t in flat_tokens) > len(flat_tokens) // 2  # the wide rows use the whole nucleus
+
+
+def test_prompts_with_unicode_line_breaks_inside_strings_read_as_one_record(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    # json.dumps(ensure_ascii=False) keeps U+2028 and U+0085 raw: valid JSONL that str.splitlines would tear.
+    path.write_text(json.dumps({"id": "a", "prompt": "one\u2028two", "context": "x\x85y"}, ensure_ascii=False) + "\r\n",
+                    encoding="utf-8")
+    [record] = read_prompts(str(path))
+    assert (record.id, record.question, record.context) == ("a", "one\u2028two", "x\x85y")

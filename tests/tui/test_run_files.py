@@ -7,7 +7,7 @@ import json
 
 from tui_helpers import RECORDED_RUN, recorded_lines
 
-from mipo_mlx.events import EventLog
+from mipo_mlx.events import EventLog, read_events
 from mipo_mlx_tui.pairs_index import PairReader, load_pair, matching
 from mipo_mlx_tui.runstate import RunTail, downsample
 
@@ -62,3 +62,14 @@ def test_plain_trl_pairs_are_listed_and_searchable(tmp_path):
     [row] = PairReader(path).read_more(10)
     assert (row.pair_id, row.pmi, row.prompt, row.chosen) == ("1", None, "Name a colour", "Teal")
     assert matching([row], "SEVEN colour") == [row] and matching([row], "blue") == []
+
+
+def test_a_run_killed_mid_event_resumes_its_log_without_a_merged_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with EventLog(path) as log:
+        log.emit("progress", stage="sample", done=1, total=4, unit="pairs")
+    path.write_bytes(path.read_bytes() + b'{"time": 1.0, "event": "progr')  # the kill landed mid-write
+    with EventLog(path) as log:
+        log.emit("progress", stage="sample", done=2, total=4, unit="pairs")
+    events, _ = read_events(path)
+    assert [e["done"] for e in events] == [1, 2]
