@@ -1,39 +1,61 @@
-"""Tokens/s and peak memory of our DPO step next to mlx-lm-lora's DPO trainer: same model, pairs and batch.
+"""Tokens/s and peak memory of our DPO step next to mlx-lm-lora's DPO trainer: same model, pairs and batches.
 
     pip install --no-deps --target /tmp/mlx-lm-lora mlx-lm-lora==5.10.2   # outside our venv; its DPO
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora                     # trainer needs only mlx, mlx-lm, tqdm
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora --pairs runs/quickstart/pairs.jsonl --batch-size 4
 
-Both train the same LoRA (the recipe's defaults) with sigmoid DPO, beta 0.1 and AdamW on
-the same token ids. mlx-lm-lora loads a second copy of the model as the reference and runs
-it on every step; ours reads reference log-probs from the pairs (scored once, before the
-clock starts, when the pairs have none). Tokens are the non-padding tokens of both
-sequences of each pair (prompt and answer), counted the same way for both; the first
-steps (compilation) are not timed. Goal: at least 1.5x its tokens/s, at most 0.6x its
-peak memory.
+The model is written once as an mlx-lm model directory in the dtype our loader computes
+in here (float32 on the CPU backend, the stored weights on a GPU); each side loads that
+directory in its own process (`import mipo_mlx` first in both, so both get the same
+BLAS), so neither side's allocations count in the other's peak. Both train the same
+LoRA (the recipe's defaults, through mlx-lm's LoRA layers) with sigmoid DPO, beta 0.1 and
+AdamW, on the same batches of the same token ids in the same order, padded by each
+trainer's own collation, with the same max sequence length.
+
+- mipo-mlx: one model; Trainer.train_step (one compiled forward and backward over chosen
+  and rejected rows, gradient clipping, AdamW); the reference log-probs come with the
+  pairs (scored here once, before any clock starts, when the pairs have none).
+- mlx-lm-lora: train_dpo with the reference model its train.py loads, a second copy
+  from the same directory, run forward on every step; policy forwards for chosen and
+  rejected apart.
+
+Tokens are all non-padding tokens (prompt and answer) of both sequences of each pair:
+the same batches, so the same count on both sides. The first pass over the batches
+(compilation of every batch shape) is not timed. Peak memory is MLX's peak during
+training, the loaded models included; max RSS (the whole process, loading included) is
+printed beside it. Goal: at least 1.5x its tokens/s, at most 0.6x its peak memory.
 """
 
 import argparse
-import gc
+import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from unittest import mock
 
-import mipo_mlx  # noqa: F401  (before mlx: loads the fast BLAS)
+import mipo_mlx  # before mlx: loads the fast BLAS
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 
+from mipo_mlx.backend import describe_backend
+from mipo_mlx.convert import convert_model
 from mipo_mlx.data import read_prompts
 from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import open_run
-from mipo_mlx.recipe import LoraConfig, parse_recipe
-from mipo_mlx.trainer import Example, Trainer, build_examples, read_pairs
+from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
+from mipo_mlx.trainer import Example, Trainer, build_examples, epoch_order, make_batches, read_pairs
 
 MAX_SEQ_LENGTH = 1024
+SEED = 0  # the recipe's default: our trainer's batch order, replayed for mlx-lm-lora
+SIDES = {
+    "mipo-mlx": "one model; reference log-probs read from the pairs; chosen and rejected in one forward",
+    "mlx-lm-lora": "policy and reference copy in memory; reference forward every step; chosen and rejected apart",
+}
 
 
 def bundled_pairs(count: int) -> list[dict]:
@@ -45,107 +67,157 @@ def bundled_pairs(count: int) -> list[dict]:
     ]
 
 
-def tokenized(args, pairs: list[dict]):
-    """Token ids and reference log-probs of the pairs (scored once here when missing), for both trainers."""
-    loaded = load_model(args.model)
+def prepare(args, work: Path) -> str:
+    """The shared model directory and the tokenized pairs with their reference log-probs; the dtype."""
+    compute = load_model(args.model).compute
+    # Written in the dtype our loader computes in here, so that mlx-lm loads the same weights.
+    convert_model(args.model, work / "model", dtype=None if compute == "quantized" else compute)
+    loaded = load_model(str(work / "model"))
     apply_lora(loaded.model, LoraConfig())
-    return build_examples(pairs, loaded.model, loaded.tokenizer, MAX_SEQ_LENGTH)
+    pairs = read_pairs(Path(args.pairs)) if args.pairs else bundled_pairs(args.count)
+    examples = build_examples(pairs, loaded.model, loaded.tokenizer, MAX_SEQ_LENGTH)
+    # mlx-lm-lora only makes full batches.
+    examples = examples[: len(examples) // args.batch_size * args.batch_size]
+    if not examples:
+        sys.exit(f"fewer than --batch-size {args.batch_size} usable pairs")
+    (work / "examples.json").write_text(json.dumps([vars(e) for e in examples]))
+    return compute
 
 
-def sequence_tokens(mask: mx.array) -> int:
-    """Non-padding tokens of mlx-lm-lora's rows: each answer mask ends where its sequence ends."""
-    mask = np.array(mask)  # (B, T)
-    return int((mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1)).sum())
+def read_examples(work: Path) -> list[Example]:
+    return [Example(e["prompt_id"], tuple(e["chosen"]), tuple(e["rejected"]), e["ref_chosen"], e["ref_rejected"])
+            for e in json.loads((work / "examples.json").read_text())]
 
 
-def fresh_memory() -> None:
-    gc.collect()
-    mx.clear_cache()
+def step_batches(examples: list[Example], batch_size: int, steps: int) -> list[list[int]]:
+    """The pair indices of each step, as our trainer takes them (grad_accumulation 1)."""
+    batches = make_batches(examples, batch_size)
+    return [batches[epoch_order(len(batches), SEED, s // len(batches))[s % len(batches)]] for s in range(steps)]
+
+
+def warmup_steps(examples: list[Example], batch_size: int) -> int:
+    """One pass over the batches: every batch shape compiled before the clock starts."""
+    return len(make_batches(examples, batch_size))
+
+
+def bench_ours(args, work: Path, examples: list[Example]) -> dict:
+    loaded = load_model(str(work / "model"))
+    apply_lora(loaded.model, LoraConfig())
+    recipe = parse_recipe(f"model: {{path: {work / 'model'}}}\noutput_dir: {work}\nrun_name: ours\nseed: {SEED}\n",
+                          "bench.yaml", [f"training.batch_size={args.batch_size}", "training.epochs=1000",
+                                         f"training.max_seq_length={MAX_SEQ_LENGTH}"])
+    run = open_run(recipe, resume=False)
+    trainer = Trainer(run, loaded.model, loaded.tokenizer, examples, [], provenance={})
+    loaded.model.train()
+    warmup = warmup_steps(examples, args.batch_size)
     mx.reset_peak_memory()
+    for _ in range(warmup):
+        trainer.train_step()
+    start, tokens = time.perf_counter(), 0
+    for _ in range(args.steps):
+        tokens += trainer.train_step()["tokens"]
+    seconds = time.perf_counter() - start
+    run.events.close()
+    return {"tokens": tokens, "seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "version": mipo_mlx.__version__}
 
 
-def bench_ours(args, examples: list[Example]) -> tuple[float, float]:
-    fresh_memory()
-    loaded = load_model(args.model)
-    apply_lora(loaded.model, LoraConfig())
-    with tempfile.TemporaryDirectory() as directory:
-        recipe = parse_recipe(f"model: {{path: {args.model}}}\noutput_dir: {directory}\nrun_name: bench\n", "bench.yaml",
-                              [f"training.batch_size={args.batch_size}", "training.epochs=1000", "training.warmup_ratio=0"])
-        run = open_run(recipe, resume=False)
-        trainer = Trainer(run, loaded.model, loaded.tokenizer, examples, [], provenance={})
-        loaded.model.train()
-        for _ in range(args.warmup):
-            trainer.train_step()
-        start, tokens = time.perf_counter(), 0
-        for _ in range(args.steps):
-            tokens += trainer.train_step()["tokens"]
-        seconds = time.perf_counter() - start
-        run.events.close()
-    return tokens / seconds, mx.get_peak_memory() / 1e9
-
-
-def bench_mlx_lm_lora(args, examples: list[Example]) -> tuple[float, float]:
+def bench_mlx_lm_lora(args, work: Path, examples: list[Example]) -> dict:
+    import mlx_lm_lora
+    from mlx_lm import load
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm_lora.trainer import dpo_trainer
 
-    fresh_memory()
-    loaded = load_model(args.model)
-    reference = load_model(args.model).model.freeze()  # what mlx-lm-lora's train.py does: a second copy
-    apply_lora(loaded.model, LoraConfig())
+    model, _ = load(str(work / "model"))
+    reference, _ = load(str(work / "model"))  # what its train.py does for DPO: a second copy
+    reference.freeze()
+    apply_lora(model, LoraConfig())
     dataset = [{"chosen": e.chosen[0], "rejected": e.rejected[0],
                 "chosen_prompt_length": e.chosen[1], "rejected_prompt_length": e.rejected[1]} for e in examples]
-
-    tokens_per_step, report_times = [], []
+    warmup = warmup_steps(examples, args.batch_size)
+    iters = warmup + args.steps
+    plan = iter(step_batches(examples, args.batch_size, iters))
     real_batches = dpo_trainer.iterate_dpo_batches
+    tokens_per_step, report_times = [], []
 
-    def counted_batches(*a, **k):
-        for chosen, rejected, chosen_mask, rejected_mask in real_batches(*a, **k):
-            tokens_per_step.append(sequence_tokens(chosen_mask) + sequence_tokens(rejected_mask))
-            yield chosen, rejected, chosen_mask, rejected_mask
+    def planned_batches(dataset, batch_size, max_seq_length, train=False):
+        # Its trainer asks for a fresh iterator every step; each gives our next batch, padded its way.
+        indices = next(plan)
+        tokens_per_step.append(sum(len(dataset[i][side]) for i in indices for side in ("chosen", "rejected")))
+        yield from real_batches([dataset[i] for i in indices], batch_size, max_seq_length)
 
     class Clock(TrainingCallback):
         def on_train_loss_report(self, info):
             report_times.append(time.perf_counter())
 
-    iters = args.warmup + args.steps
+    training = TrainingConfig()
     with tempfile.TemporaryDirectory() as directory:
-        training = dpo_trainer.DPOTrainingArgs(
+        dpo_args = dpo_trainer.DPOTrainingArgs(
             batch_size=args.batch_size, iters=iters, steps_per_report=1, steps_per_save=iters + 1,
             adapter_file=str(Path(directory) / "adapters.safetensors"), max_seq_length=MAX_SEQ_LENGTH,
+            beta=training.beta, loss_type="sigmoid",
         )
         info = mx.device_info()
-        # The CPU backend reports no GPU working set; their trainer reads one for mx.set_wired_limit.
+        # The CPU backend reports no GPU working set; its trainer reads one for mx.set_wired_limit.
         info.setdefault("max_recommended_working_set_size", 0)
-        with mock.patch.object(dpo_trainer, "iterate_dpo_batches", counted_batches), \
+        optimizer = optim.AdamW(learning_rate=training.learning_rate, betas=list(training.adam_betas))
+        mx.reset_peak_memory()
+        with mock.patch.object(dpo_trainer, "iterate_dpo_batches", planned_batches), \
                 mock.patch.object(mx, "device_info", lambda: info):
-            dpo_trainer.train_dpo(loaded.model, reference, optim.AdamW(learning_rate=1e-5), dataset,
-                                  args=training, training_callback=Clock(), loss_type="sigmoid")
-    timed = slice(args.warmup, iters)
-    seconds = report_times[iters - 1] - report_times[args.warmup - 1]
-    return sum(tokens_per_step[timed]) / seconds, mx.get_peak_memory() / 1e9
+            dpo_trainer.train_dpo(model, reference, optimizer, dataset, args=dpo_args,
+                                  training_callback=Clock(), loss_type="sigmoid")
+    return {"tokens": sum(tokens_per_step[warmup:]), "seconds": report_times[-1] - report_times[warmup - 1],
+            "peak_gb": mx.get_peak_memory() / 1e9, "version": mlx_lm_lora.__version__}
+
+
+def run_side(args) -> None:
+    """One side, in this process; the result goes to WORK/SIDE.json."""
+    if args.mlx_lm_lora:
+        sys.path.append(args.mlx_lm_lora)  # after our site-packages: it must not shadow our mlx or mlx-lm
+    work = Path(args.work)
+    examples = read_examples(work)
+    result = (bench_ours if args.side == "mipo-mlx" else bench_mlx_lm_lora)(args, work, examples)
+    result.update(blas=describe_backend()["blas"], max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    (work / f"{args.side}.json").write_text(json.dumps(result))
+
+
+def spawn_side(args, work: Path, side: str) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--work", str(work), "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps)] + (["--mlx-lm-lora", args.mlx_lm_lora] if args.mlx_lm_lora else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads((work / f"{side}.json").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="Any model mipo-mlx loads (default: the embedded one).")
     parser.add_argument("--pairs", help="A pairs.jsonl (default: pairs built from the bundled personalization prompts).")
-    parser.add_argument("--count", type=int, default=32, help="Pairs to build when --pairs is not given.")
+    parser.add_argument("--count", type=int, default=16, help="Pairs to build when --pairs is not given.")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="Timed steps.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (compilation).")
+    parser.add_argument("--steps", type=int, default=8, help="Timed steps, after one untimed pass over the batches.")
     parser.add_argument("--mlx-lm-lora", help="Folder holding the mlx_lm_lora package, if not installed here.")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.mlx_lm_lora:
-        sys.path.append(args.mlx_lm_lora)  # after our site-packages: it must not shadow our mlx or mlx-lm
-    pairs = read_pairs(Path(args.pairs)) if args.pairs else bundled_pairs(args.count)
-
-    examples = tokenized(args, pairs)
-    ours = bench_ours(args, examples)
-    theirs = bench_mlx_lm_lora(args, examples)
-    print(f"model {args.model}, {len(examples)} pairs, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
-    print(f"mipo-mlx DPO step:      {ours[0]:8.1f} tok/s   peak memory {ours[1]:.2f} GB")
-    print(f"mlx-lm-lora train_dpo:  {theirs[0]:8.1f} tok/s   peak memory {theirs[1]:.2f} GB")
-    print(f"speed {ours[0] / theirs[0]:.2f}x (goal: at least 1.5x), memory {ours[1] / theirs[1]:.2f}x (goal: at most 0.6x)")
+    if args.side:
+        return run_side(args)
+    with tempfile.TemporaryDirectory() as directory:
+        work = Path(directory)
+        compute = prepare(args, work)
+        examples = read_examples(work)
+        results = {side: spawn_side(args, work, side) for side in SIDES}
+    ours, theirs = results["mipo-mlx"], results["mlx-lm-lora"]
+    backend = describe_backend()
+    print(f"model {args.model} ({compute} on {backend['backend']}), {len(examples)} pairs, "
+          f"batch {args.batch_size}, max length {MAX_SEQ_LENGTH}, {args.steps} timed steps after "
+          f"{warmup_steps(examples, args.batch_size)}; {os.cpu_count()} CPUs, mlx {backend['mlx']}")
+    for side, what in SIDES.items():
+        r = results[side]
+        print(f"{side + ':':13} {r['tokens'] / r['seconds']:8.1f} tok/s   peak memory {r['peak_gb']:.2f} GB   "
+              f"max RSS {r['max_rss_gb']:.2f} GB   BLAS {r['blas']}\n{'':14}{r['version']}: {what}")
+    speed = (ours["tokens"] / ours["seconds"]) / (theirs["tokens"] / theirs["seconds"])
+    print(f"speed {speed:.2f}x (goal: at least 1.5x), memory {ours['peak_gb'] / theirs['peak_gb']:.2f}x (goal: at most 0.6x)")
 
 
 if __name__ == "__main__":

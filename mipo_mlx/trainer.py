@@ -25,6 +25,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx_lm.models import activations
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
@@ -46,7 +48,7 @@ from mipo_mlx.lora import (
     write_atomically,
 )
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
-from mipo_mlx.scoring import answer_logprobs, pad_batch
+from mipo_mlx.scoring import PAD_MULTIPLE, answer_logprobs, pad_batch
 
 ADAPTERS_DIR, CHECKPOINTS_DIR = "adapters", "checkpoints"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
@@ -136,11 +138,16 @@ def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
 
 
 def collate(examples: list[Example], indices: list[int], pad_id: int):
-    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, T-1), refs (B, 2), real tokens (an int)."""
+    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, W), refs (B, 2), real tokens (an int).
+
+    The mask covers the last W targets, from the batch's first answer token (rounded down
+    so that few shapes compile): the vocabulary head skips the prompt positions before it.
+    """
     rows = [examples[i].chosen for i in indices] + [examples[i].rejected for i in indices]
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
+    first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
     refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
-    return tokens, mask, refs, sum(len(ids) for ids, _ in rows)
+    return tokens, mask[:, first:], refs, sum(len(ids) for ids, _ in rows)
 
 
 def fingerprint(examples: list[Example]) -> str:
@@ -174,6 +181,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@mx.custom_function
+def _lean_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return nn.silu(gate) * x
+
+
+@_lean_swiglu.vjp
+def _lean_swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    # Not mx.sigmoid: mx.compile would merge it with the forward's and keep that one alive.
+    sigmoid = 1 / (1 + mx.exp(-gate))
+    return cotangent * x * sigmoid * (1 + gate * (1 - sigmoid)), cotangent * gate * sigmoid
+
+
+@contextlib.contextmanager
+def lean_swiglu(model: nn.Module):
+    """mlx-lm's swiglu, for the model's architecture, with a backward that recomputes the sigmoid.
+
+    Autodiff keeps sigmoid(gate) and silu(gate) for the backward: two (rows, T, intermediate)
+    arrays per layer, the largest activations of a LoRA step. Same values, less memory.
+    """
+    module = sys.modules[type(model).__module__]
+    if getattr(module, "swiglu", None) is not activations.swiglu:
+        yield
+        return
+    module.swiglu = _lean_swiglu
+    try:
+        yield
+    finally:
+        module.swiglu = activations.swiglu
 
 
 @contextlib.contextmanager
@@ -233,7 +271,9 @@ class Trainer:
         return loss, metrics
 
     def _loss_and_grad(self, tokens, mask, refs):
-        (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, tokens, mask, refs)
+        # Traced once per batch shape: the patch is in place while the graph is built.
+        with lean_swiglu(self.model):
+            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, tokens, mask, refs)
         return metrics, grads
 
     def _apply(self, grads):

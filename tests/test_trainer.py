@@ -10,17 +10,24 @@ import math
 import os
 import shutil
 import signal
+import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import activations
+from tiny_models import tiny_model
 
 from mipo_mlx import trainer as trainer_module
+from mipo_mlx.chat import encode_answer
 from mipo_mlx.errors import UserError
 from mipo_mlx.events import read_events
+from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import open_run, run_stages
-from mipo_mlx.recipe import parse_recipe
+from mipo_mlx.recipe import LoraConfig, parse_recipe
+from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 PAIRS = [
     ("What should I cook tonight?", "I live in Paris.", "Une soupe à l'oignon.", "A burger."),
@@ -249,6 +256,41 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_undone_after(tmp_pa
     expected, got = losses_of(plain), losses_of(checkpointed)
     assert max(abs(got[s] - expected[s]) for s in expected) < 1e-5
     assert type(checkpointed.loaded_model().model.model.layers[0]).__call__ is layer_call
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lean_step_has_the_gradients_of_the_plain_formula(arch):
+    """Head on the answer window in slices with its own backward, swiglu with its own: autodiff's gradients."""
+    model, tokenizer = tiny_model(arch, quantized=False)
+    apply_lora(model, LoraConfig(rank=4)).train()
+    mx.random.seed(1)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+
+    def example(n, question, context, chosen, rejected):
+        messages = [{"role": "system", "content": context}, {"role": "user", "content": question}]
+        return trainer_module.Example(str(n), encode_answer(tokenizer, messages, chosen),
+                                      encode_answer(tokenizer, messages, rejected), 0.0, 0.0)
+
+    examples = [example(n, *pair) for n, pair in enumerate(PAIRS)]
+    tokens, window, _, _ = trainer_module.collate(examples, list(range(len(PAIRS))), 0)
+    rows = [e.chosen for e in examples] + [e.rejected for e in examples]
+    _, full = pad_batch([ids for ids, _ in rows], [start for _, start in rows], 0)
+    assert window.shape[1] < full.shape[1]  # the window skips prompt positions
+    weights = mx.random.normal((tokens.shape[0],))
+
+    def plain(model):
+        logits = model(tokens[:, :-1])
+        logps = mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), tokens[:, 1:, None], axis=-1)
+        return (logps.squeeze(-1) * full).sum(axis=-1) @ weights
+
+    expected = nn.value_and_grad(model, plain)(model)
+    with trainer_module.lean_swiglu(model):
+        got = nn.value_and_grad(model, lambda model: answer_logprobs(model, tokens, window) @ weights)(model)
+    assert sys.modules[type(model).__module__].swiglu is activations.swiglu  # the patch is undone
+    assert abs(got[0].item() - expected[0].item()) < 1e-4
+    got_grads = dict(tree_flatten(got[1]))
+    for name, grad in tree_flatten(expected[1]):
+        assert mx.abs(got_grads[name] - grad).max().item() <= 1e-5 * mx.abs(grad).max().item(), name
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
