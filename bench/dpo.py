@@ -12,9 +12,10 @@ LoRA (the recipe's defaults, through mlx-lm's LoRA layers) with sigmoid DPO, bet
 AdamW, on the same batches of the same token ids in the same order, padded by each
 trainer's own collation, with the same max sequence length.
 
-- mipo-mlx: one model; Trainer.train_step (one compiled forward and backward over chosen
-  and rejected rows, gradient clipping, AdamW); the reference log-probs come with the
-  pairs (scored here once, before any clock starts, when the pairs have none).
+- mipo-mlx: one model; Trainer.train_step (one compiled forward and backward: each
+  prompt once, then the chosen and rejected answers after it, 2B rows; gradient
+  clipping, AdamW); the reference log-probs come with the pairs (scored here once,
+  before any clock starts, when the pairs have none).
 - mlx-lm-lora: train_dpo with the reference model its train.py loads, a second copy
   from the same directory, run forward on every step; policy forwards for chosen and
   rejected apart.
@@ -53,7 +54,7 @@ from mipo_mlx.trainer import Example, Trainer, build_examples, epoch_order, make
 MAX_SEQ_LENGTH = 1024
 SEED = 0  # the recipe's default: our trainer's batch order, replayed for mlx-lm-lora
 SIDES = {
-    "mipo-mlx": "one model; reference log-probs read from the pairs; chosen and rejected in one forward",
+    "mipo-mlx": "one model; reference log-probs read from the pairs; each prompt once, both answers in one forward",
     "mlx-lm-lora": "policy and reference copy in memory; reference forward every step; chosen and rejected apart",
 }
 

@@ -2,12 +2,15 @@
 
     tokens, mask = pad_batch([ids_a, ids_b], [start_a, start_b], pad_id)
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
+    logps = pair_logprobs(model, *pad_pairs(prompts, chosen + rejected, pad_id))  # (2B,)
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
-The same function serves the reference pass at sampling time, the DPO loss (inside
-value_and_grad) and evaluation, so all three agree to the last token. A mask may cover
-only the last targets (the trainer starts it at the batch's first answer token): the
-vocabulary head then skips the prompt positions before it, which score nothing anyway.
+answer_logprobs scores whole sequences: the reference pass at sampling time, compare's
+rewards, export's checks. The DPO step scores pairs with pair_logprobs, which runs each
+prompt once for both its answers, where the model allows it: the same log-probs up to
+float rounding (the trainer's first-step check holds them to the stored reference). A
+mask may cover only the last targets: the vocabulary head then skips the prompt
+positions before it, which score nothing anyway.
 """
 
 import mlx.core as mx
@@ -32,6 +35,26 @@ def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int)
         # Target t is token t+1: answer tokens start..len-1 are targets start-1..len-2.
         mask[row, start - 1 : len(ids) - 1] = 1.0
     return mx.array(tokens), mx.array(mask)
+
+
+def pad_pairs(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
+    """B prompts and their 2B answers (chosen answers, then rejected ones), as pair_logprobs takes them.
+
+    Returns prompts left-padded (B, P), their left padding (B,), answers right-padded (2B, A)
+    and the mask of their tokens (2B, A).
+    """
+    width = -(-max(len(p) for p in prompts) // PAD_MULTIPLE) * PAD_MULTIPLE
+    length = -(-max(len(a) for a in answers) // PAD_MULTIPLE) * PAD_MULTIPLE
+    left = np.array([width - len(p) for p in prompts], dtype=np.int32)
+    padded_prompts = np.full((len(prompts), width), pad_id, dtype=np.int32)
+    padded_answers = np.full((len(answers), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(answers), length), dtype=np.float32)
+    for row, ids in enumerate(prompts):
+        padded_prompts[row, left[row] :] = ids
+    for row, ids in enumerate(answers):
+        padded_answers[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1.0
+    return mx.array(padded_prompts), mx.array(left), mx.array(padded_answers), mx.array(mask)
 
 
 def plain_head(model):
@@ -89,3 +112,56 @@ def token_logprobs(model, tokens: mx.array, first: int = 0) -> mx.array:
 def answer_logprobs(model, tokens: mx.array, mask: mx.array) -> mx.array:
     """Sum of answer-token log-probs per sequence: (B,). mask (B, W) covers the last W targets."""
     return (token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[1]) * mask).sum(axis=-1)
+
+
+def shares_prompts(model) -> bool:
+    """Whether pair_logprobs can run this model: a plain head and full attention in every layer."""
+    return plain_head(model) is not None and getattr(model.model, "swa_idx", None) is None
+
+
+class SharedPromptCache:
+    """A layer's cache, as mlx-lm's attention uses one: B left-padded prompts, then their 2B answers.
+
+    The first pass (the prompts) keeps its keys and values; in the second, answer rows b and
+    B + b both attend to prompt b's, then causally to their own. Positions count from each
+    prompt's first real token. No query attends to padding, except a padding query to itself
+    (an attention row with nothing to attend to would be NaN).
+    """
+
+    def __init__(self, left_padding: mx.array):
+        self.left_padding = left_padding
+        self.offset = -left_padding  # the rotary position of each row's first column
+        self.keys = self.values = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            self.offset = mx.concatenate([keys.shape[2] - self.left_padding] * 2)
+            return keys, values
+
+        def after_prompt(prompt, answer):
+            return mx.concatenate([mx.concatenate([prompt, prompt]), answer], axis=2)
+
+        return after_prompt(self.keys, keys), after_prompt(self.values, values)
+
+    def make_mask(self, n: int, **kwargs) -> mx.array:
+        queries, left = mx.arange(n)[:, None], self.left_padding[:, None, None, None]
+        if self.keys is None:
+            keys = mx.arange(n)[None]
+            return ((keys >= left) & (keys <= queries)) | (keys == queries)  # (B, 1, P, P)
+        width = self.keys.shape[2]
+        keys = mx.arange(width + n)[None]
+        return mx.where(keys < width, keys >= mx.concatenate([left, left]), keys - width <= queries)  # (2B, 1, A, P + A)
+
+
+def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, answers: mx.array, mask: mx.array) -> mx.array:
+    """Summed answer log-probs of B pairs, chosen rows then rejected rows: (2B,). Arrays from pad_pairs.
+
+    Each prompt goes through the model once for both its answers (the 2B answers in one
+    pass), where whole sequences would take it twice: with prompts half of a sequence, a
+    quarter fewer positions. For models where shares_prompts is true.
+    """
+    caches = [SharedPromptCache(left_padding) for _ in model.layers]
+    last = model.model(prompts, cache=caches)[:, -1:]  # (B, 1, D): what predicts each answer's first token
+    hidden = mx.concatenate([mx.concatenate([last, last]), model.model(answers, cache=caches)[:, :-1]], axis=1)
+    return (head_logprobs(plain_head(model), hidden, answers) * mask).sum(axis=-1)

@@ -4,9 +4,12 @@
 
 Reference log-probs come from the pairs file (stored at sampling time); pairs without
 them (e.g. a TRL data set) are scored once before training with the adapter off. Each
-step runs chosen and rejected answers through one concatenated forward (2B rows),
-scores answer tokens only, and updates the adapter with AdamW, warm-up plus cosine, and
-gradient clipping, accumulating gradients over micro-batches when asked.
+step runs each pair's prompt through the model once and its chosen and rejected answers
+after it in one concatenated forward (2B rows; whole sequences, 2B rows, for models
+scoring.shares_prompts rules out and with gradient checkpointing), scores answer tokens
+only, and updates the adapter with AdamW, warm-up plus cosine, and gradient clipping,
+accumulating gradients over micro-batches when asked. The vocabulary head and swiglu
+get backward passes that keep less (scoring.head_logprobs, lean_swiglu).
 
 Self-checks stop a run that would learn nothing: the first loss must equal the loss at
 policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
@@ -48,7 +51,7 @@ from mipo_mlx.lora import (
     write_atomically,
 )
 from mipo_mlx.sampling import PAIRS_FILE, reference_logps
-from mipo_mlx.scoring import PAD_MULTIPLE, answer_logprobs, pad_batch
+from mipo_mlx.scoring import PAD_MULTIPLE, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, shares_prompts
 
 ADAPTERS_DIR, CHECKPOINTS_DIR = "adapters", "checkpoints"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
@@ -83,8 +86,13 @@ def _as_text(answer) -> str:
 def read_pairs(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no pairs at {path}; run the sample stage first (mipo-mlx sample RECIPE)")
+    try:
+        # Split on "\n" only: str.splitlines also splits at U+2028 and U+0085, which JSON strings may hold raw.
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path} ({error.__class__.__name__}); write it as UTF-8 JSON lines") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 pair = json.loads(line)
@@ -137,17 +145,31 @@ def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(examples: list[Example], indices: list[int], pad_id: int):
-    """Chosen rows then rejected rows: tokens (2B, T), mask (2B, W), refs (B, 2), real tokens (an int).
+def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool):
+    """A batch as batch_logprobs takes it (chosen rows, then rejected rows), refs (B, 2), real tokens (an int).
 
-    The mask covers the last W targets, from the batch's first answer token (rounded down
-    so that few shapes compile): the vocabulary head skips the prompt positions before it.
+    shared_prompts: pad_pairs' arrays, each prompt once. Otherwise whole sequences, tokens
+    (2B, T) and a mask (2B, W) over the last W targets, from the batch's first answer token
+    (rounded down so that few shapes compile): the vocabulary head skips the prompt before it.
     """
     rows = [examples[i].chosen for i in indices] + [examples[i].rejected for i in indices]
+    refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
+    real_tokens = sum(len(ids) for ids, _ in rows)
+    if shared_prompts:
+        prompts = [examples[i].chosen[0][: examples[i].chosen[1]] for i in indices]
+        return pad_pairs(prompts, [ids[start:] for ids, start in rows], pad_id), refs, real_tokens
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
-    refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
-    return tokens, mask[:, first:], refs, sum(len(ids) for ids, _ in rows)
+    return (tokens, mask[:, first:]), refs, real_tokens
+
+
+def batch_logprobs(model, batch: tuple) -> mx.array:
+    """Summed answer log-probs of a collated batch: (2B,)."""
+    return pair_logprobs(model, *batch) if len(batch) == 4 else answer_logprobs(model, *batch)
+
+
+def same_prompts(examples: list[Example]) -> bool:
+    return all(e.chosen[0][: e.chosen[1]] == e.rejected[0][: e.rejected[1]] for e in examples)
 
 
 def fingerprint(examples: list[Example]) -> str:
@@ -232,6 +254,9 @@ class Trainer:
         self.training = run.recipe.training
         self.train_examples, self.held_out = train, held_out
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Gradient checkpointing recomputes each layer, which would run a shared prompt's cache twice.
+        self.shared_prompts = (shares_prompts(model) and not self.training.grad_checkpoint
+                               and same_prompts(train) and same_prompts(held_out))
         self.batches = make_batches(train, self.training.batch_size)
         steps_per_epoch = math.ceil(len(self.batches) / self.training.grad_accumulation)
         self.total_steps = steps_per_epoch * self.training.epochs
@@ -253,10 +278,10 @@ class Trainer:
         update_state = [self.model.state, self.optimizer.state]
         self._update = partial(mx.compile, inputs=update_state, outputs=update_state)(self._apply)
 
-    def _loss(self, model, tokens, mask, refs):
+    def _loss(self, model, batch, refs):
         t = self.training
-        logps = answer_logprobs(model, tokens, mask)  # (2B,)
-        counts = mask.sum(axis=-1)  # (2B,) answer tokens per row
+        logps = batch_logprobs(model, batch)  # (2B,)
+        counts = batch[-1].sum(axis=-1)  # (2B,) answer tokens per row, from the mask
         half = refs.shape[0]
         pc, pr = logps[:half], logps[half:]
         losses, chosen_rewards, rejected_rewards = dpo_losses(
@@ -270,10 +295,10 @@ class Trainer:
         metrics["loss"] = loss
         return loss, metrics
 
-    def _loss_and_grad(self, tokens, mask, refs):
+    def _loss_and_grad(self, batch, refs):
         # Traced once per batch shape: the patch is in place while the graph is built.
         with lean_swiglu(self.model):
-            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, tokens, mask, refs)
+            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, batch, refs)
         return metrics, grads
 
     def _apply(self, grads):
@@ -296,8 +321,8 @@ class Trainer:
         mx.random.seed(derived_seed(self.run.recipe.seed, "step", self.step))
         batches, cursor = self.next_micro_batches()
         for indices in batches:
-            tokens, mask, refs, real_tokens = collate(self.train_examples, indices, self.pad_id)
-            metrics, grads = self._grad_step(tokens, mask, refs)
+            batch, refs, real_tokens = collate(self.train_examples, indices, self.pad_id, self.shared_prompts)
+            metrics, grads = self._grad_step(batch, refs)
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
             tokens_seen += real_tokens
@@ -312,8 +337,8 @@ class Trainer:
     def evaluate(self) -> dict:
         sums, count = {}, 0
         for indices in make_batches(self.held_out, self.training.batch_size):
-            tokens, mask, refs, _ = collate(self.held_out, indices, self.pad_id)
-            _, metrics = self._loss(self.model, tokens, mask, refs)
+            batch, refs, _ = collate(self.held_out, indices, self.pad_id, self.shared_prompts)
+            _, metrics = self._loss(self.model, batch, refs)
             sums = {k: sums.get(k, 0) + v.item() * len(indices) for k, v in metrics.items()}
             count += len(indices)
         return {k: v / count for k, v in sums.items()}

@@ -198,8 +198,8 @@ def test_an_update_that_changes_nothing_stops_the_run(tmp_path, tiny_model_dirs,
 def test_zero_gradient_stops_the_run(tmp_path, tiny_model_dirs, monkeypatch):
     """The bug other MLX DPO trainers shipped: policy log-probs outside the differentiated graph."""
     run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "frozen", "training.batch_size=2")
-    real_logprobs = trainer_module.answer_logprobs
-    monkeypatch.setattr(trainer_module, "answer_logprobs", lambda *args: mx.stop_gradient(real_logprobs(*args)))
+    real_logprobs = trainer_module.batch_logprobs
+    monkeypatch.setattr(trainer_module, "batch_logprobs", lambda *args: mx.stop_gradient(real_logprobs(*args)))
     with pytest.raises(UserError, match="the first gradient is zero"):
         run_stages(run, ["train"])
 
@@ -231,6 +231,25 @@ def test_pairs_without_reference_logps_are_scored_once_with_the_adapter_off(tmp_
     assert losses_of(run)[1] == pytest.approx(math.log(2), abs=1e-4)
 
 
+def test_a_hand_written_pairs_file_with_a_raw_line_separator_in_an_answer_trains(tmp_path, tiny_model_dirs):
+    """JSON keeps U+2028 raw in strings: the line is still one pair, not a malformed one."""
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "sep", "training.batch_size=2", "training.max_steps=1")
+    pairs = run.dir / "pairs.jsonl"
+    rows = [json.loads(line) for line in pairs.read_text().split("\n") if line]
+    rows[0]["chosen"][0]["content"] = "Une soupe\u2028à l'oignon.\x85"
+    pairs.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    assert "\u2028" in pairs.read_text(encoding="utf-8")
+    run_stages(run, ["train"])
+    assert losses_of(run)[1] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_a_pairs_file_that_is_not_utf8_is_a_one_line_error(tmp_path, tiny_model_dirs):
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "latin", "training.batch_size=2")
+    (run.dir / "pairs.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"cannot read .*pairs.jsonl \(UnicodeDecodeError\); write it as UTF-8"):
+        run_stages(run, ["train"])
+
+
 def test_an_adapter_that_does_not_start_at_zero_stops_the_first_step(tmp_path, tiny_model_dirs, monkeypatch):
     real_apply_lora = trainer_module.apply_lora
 
@@ -259,8 +278,10 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_undone_after(tmp_pa
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_the_lean_step_has_the_gradients_of_the_plain_formula(arch):
-    """Head on the answer window in slices with its own backward, swiglu with its own: autodiff's gradients."""
+@pytest.mark.parametrize("shared_prompts", [True, False])
+def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, shared_prompts):
+    """Prompts run once per pair or the head on the answer window, the head in slices and swiglu with
+    their own backward passes: the log-probs of whole sequences and autodiff's gradients."""
     model, tokenizer = tiny_model(arch, quantized=False)
     apply_lora(model, LoraConfig(rank=4)).train()
     mx.random.seed(1)
@@ -272,25 +293,26 @@ def test_the_lean_step_has_the_gradients_of_the_plain_formula(arch):
                                       encode_answer(tokenizer, messages, rejected), 0.0, 0.0)
 
     examples = [example(n, *pair) for n, pair in enumerate(PAIRS)]
-    tokens, window, _, _ = trainer_module.collate(examples, list(range(len(PAIRS))), 0)
+    batch, _, _ = trainer_module.collate(examples, list(range(len(PAIRS))), 0, shared_prompts)
     rows = [e.chosen for e in examples] + [e.rejected for e in examples]
-    _, full = pad_batch([ids for ids, _ in rows], [start for _, start in rows], 0)
-    assert window.shape[1] < full.shape[1]  # the window skips prompt positions
+    tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], 0)
+    assert len(batch) == 4 if shared_prompts else batch[1].shape[1] < mask.shape[1]  # the window skips prompt positions
     weights = mx.random.normal((tokens.shape[0],))
 
     def plain(model):
         logits = model(tokens[:, :-1])
         logps = mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), tokens[:, 1:, None], axis=-1)
-        return (logps.squeeze(-1) * full).sum(axis=-1) @ weights
+        return (logps.squeeze(-1) * mask).sum(axis=-1)
 
-    expected = nn.value_and_grad(model, plain)(model)
+    expected = nn.value_and_grad(model, lambda model: plain(model) @ weights)(model)
     with trainer_module.lean_swiglu(model):
-        got = nn.value_and_grad(model, lambda model: answer_logprobs(model, tokens, window) @ weights)(model)
+        got = nn.value_and_grad(model, lambda model: trainer_module.batch_logprobs(model, batch) @ weights)(model)
     assert sys.modules[type(model).__module__].swiglu is activations.swiglu  # the patch is undone
+    assert mx.allclose(trainer_module.batch_logprobs(model, batch), plain(model), atol=1e-4).item()
     assert abs(got[0].item() - expected[0].item()) < 1e-4
     got_grads = dict(tree_flatten(got[1]))
     for name, grad in tree_flatten(expected[1]):
-        assert mx.abs(got_grads[name] - grad).max().item() <= 1e-5 * mx.abs(grad).max().item(), name
+        assert mx.abs(got_grads[name] - grad).max().item() <= 1e-4 * mx.abs(grad).max().item(), name
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
