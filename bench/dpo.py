@@ -25,6 +25,14 @@ the same batches, so the same count on both sides. The first pass over the batch
 (compilation of every batch shape) is not timed. Peak memory is MLX's peak during
 training, the loaded models included; max RSS (the whole process, loading included) is
 printed beside it. Goal: at least 1.5x its tokens/s, at most 0.6x its peak memory.
+
+Measured on this machine (Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
+the embedded model in float32, nothing else running), three runs of the defaults: 131-140
+tok/s and 1.70 GB for mipo-mlx, 61-65 tok/s and 3.82 GB for mlx-lm-lora: speed
+2.03-2.31x, memory 0.45x. On 64 pairs of the quickstart run (prompts of 64 tokens, answers
+of 56-57), `--pairs runs/quickstart/pairs.jsonl`: 108.5 against 52.3 tok/s, 1.90 against
+4.22 GB: 2.08x and 0.45x. Without running each prompt once (whole sequences, as with
+gradient checkpointing): 1.72x and 0.51x.
 """
 
 import argparse

@@ -190,7 +190,7 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The DPO step."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Before/after comparison."})
     export: ExportConfig = field(
-        default_factory=ExportConfig, metadata={"help": "Where the adapter goes (read by the export command, still to come)."}
+        default_factory=ExportConfig, metadata={"help": "Where the adapter goes (read by mipo-mlx export)."}
     )
     output_dir: str = _field("runs", "Folder that holds run directories.")
     run_name: Optional[str] = _field(None, "Run directory name inside output_dir; null uses the recipe file's name.")
