@@ -128,10 +128,15 @@ def interrupt_at(step: int, signals: int):
 def stopped_run(tmp_path, model_dir, name, monkeypatch, *settings, signals=1):
     """A run stopped by ctrl+c at step 4 (of 8)."""
     run = train_run(tmp_path, model_dir, name, *RESUME_SETTINGS, *settings)
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer_module.Trainer, "train_step", interrupt_at(4, signals))
-        with pytest.raises(KeyboardInterrupt):
-            run_stages(run, ["train"])
+    # As in a terminal, also when pytest runs as a background job (which starts with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer_module.Trainer, "train_step", interrupt_at(4, signals))
+            with pytest.raises(KeyboardInterrupt):
+                run_stages(run, ["train"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return run
 
 
