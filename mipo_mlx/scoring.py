@@ -24,10 +24,14 @@ PLAIN_HEAD_MODELS = ("llama", "qwen2", "qwen3")
 HEAD_SLICE = 64
 
 
+def padded_width(sequences: list[list[int]]) -> int:
+    """The longest sequence's length rounded up to a multiple of PAD_MULTIPLE."""
+    return -(-max(len(s) for s in sequences) // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int) -> tuple[mx.array, mx.array]:
     """Right-pad token sequences; return tokens (B, T) and the answer mask over targets (B, T-1)."""
-    longest = max(len(s) for s in sequences)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = padded_width(sequences)
     tokens = np.full((len(sequences), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(sequences), width - 1), dtype=np.float32)
     for row, (ids, start) in enumerate(zip(sequences, answer_starts)):
@@ -43,8 +47,7 @@ def pad_pairs(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
     Returns prompts left-padded (B, P), their left padding (B,), answers right-padded (2B, A)
     and the mask of their tokens (2B, A).
     """
-    width = -(-max(len(p) for p in prompts) // PAD_MULTIPLE) * PAD_MULTIPLE
-    length = -(-max(len(a) for a in answers) // PAD_MULTIPLE) * PAD_MULTIPLE
+    width, length = padded_width(prompts), padded_width(answers)
     left = np.array([width - len(p) for p in prompts], dtype=np.int32)
     padded_prompts = np.full((len(prompts), width), pad_id, dtype=np.int32)
     padded_answers = np.full((len(answers), length), pad_id, dtype=np.int32)

@@ -5,8 +5,8 @@
 Reference log-probs come from the pairs file (stored at sampling time); pairs without
 them (e.g. a TRL data set) are scored once before training with the adapter off. Each
 step runs each pair's prompt through the model once and its chosen and rejected answers
-after it in one concatenated forward (2B rows; whole sequences, 2B rows, for models
-scoring.shares_prompts rules out and with gradient checkpointing), scores answer tokens
+after it in one concatenated forward (2B rows; whole sequences instead where
+scoring.shares_prompts rules it out or with gradient checkpointing), scores answer tokens
 only, and updates the adapter with AdamW, warm-up plus cosine, and gradient clipping,
 accumulating gradients over micro-batches when asked. The vocabulary head and swiglu
 get backward passes that keep less (scoring.head_logprobs, lean_swiglu).
@@ -73,6 +73,10 @@ class Example:
     @property
     def length(self) -> int:
         return max(len(self.chosen[0]), len(self.rejected[0]))
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.chosen[0][: self.chosen[1]]
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -156,20 +160,20 @@ def collate(examples: list[Example], indices: list[int], pad_id: int, shared_pro
     refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
     real_tokens = sum(len(ids) for ids, _ in rows)
     if shared_prompts:
-        prompts = [examples[i].chosen[0][: examples[i].chosen[1]] for i in indices]
+        prompts = [examples[i].prompt for i in indices]
         return pad_pairs(prompts, [ids[start:] for ids, start in rows], pad_id), refs, real_tokens
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
     return (tokens, mask[:, first:]), refs, real_tokens
 
 
-def batch_logprobs(model, batch: tuple) -> mx.array:
-    """Summed answer log-probs of a collated batch: (2B,)."""
-    return pair_logprobs(model, *batch) if len(batch) == 4 else answer_logprobs(model, *batch)
+def batch_logprobs(model, batch: tuple, shared_prompts: bool) -> mx.array:
+    """Summed answer log-probs of a batch collated with the same shared_prompts: (2B,)."""
+    return (pair_logprobs if shared_prompts else answer_logprobs)(model, *batch)
 
 
 def same_prompts(examples: list[Example]) -> bool:
-    return all(e.chosen[0][: e.chosen[1]] == e.rejected[0][: e.rejected[1]] for e in examples)
+    return all(e.prompt == e.rejected[0][: e.rejected[1]] for e in examples)
 
 
 def fingerprint(examples: list[Example]) -> str:
@@ -280,7 +284,7 @@ class Trainer:
 
     def _loss(self, model, batch, refs):
         t = self.training
-        logps = batch_logprobs(model, batch)  # (2B,)
+        logps = batch_logprobs(model, batch, self.shared_prompts)  # (2B,)
         counts = batch[-1].sum(axis=-1)  # (2B,) answer tokens per row, from the mask
         half = refs.shape[0]
         pc, pr = logps[:half], logps[half:]

@@ -301,7 +301,8 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
     batch, _, _ = trainer_module.collate(examples, list(range(len(PAIRS))), 0, shared_prompts)
     rows = [e.chosen for e in examples] + [e.rejected for e in examples]
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], 0)
-    assert len(batch) == 4 if shared_prompts else batch[1].shape[1] < mask.shape[1]  # the window skips prompt positions
+    if not shared_prompts:
+        assert batch[1].shape[1] < mask.shape[1]  # the window skips prompt positions
     weights = mx.random.normal((tokens.shape[0],))
 
     def plain(model):
@@ -309,15 +310,20 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
         logps = mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), tokens[:, 1:, None], axis=-1)
         return (logps.squeeze(-1) * mask).sum(axis=-1)
 
+    def step_logprobs(model):
+        return trainer_module.batch_logprobs(model, batch, shared_prompts)
+
     expected = nn.value_and_grad(model, lambda model: plain(model) @ weights)(model)
     with trainer_module.lean_swiglu(model):
-        got = nn.value_and_grad(model, lambda model: trainer_module.batch_logprobs(model, batch) @ weights)(model)
+        got = nn.value_and_grad(model, lambda model: step_logprobs(model) @ weights)(model)
     assert sys.modules[type(model).__module__].swiglu is activations.swiglu  # the patch is undone
-    assert mx.allclose(trainer_module.batch_logprobs(model, batch), plain(model), atol=1e-4).item()
+    assert mx.allclose(step_logprobs(model), plain(model), atol=1e-4).item()
     assert abs(got[0].item() - expected[0].item()) < 1e-4
     got_grads = dict(tree_flatten(got[1]))
+    # A shared prompt sums both answers' gradients into its keys and values: another float order.
+    tolerance = 1e-4 if shared_prompts else 1e-5
     for name, grad in tree_flatten(expected[1]):
-        assert mx.abs(got_grads[name] - grad).max().item() <= 1e-4 * mx.abs(grad).max().item(), name
+        assert mx.abs(got_grads[name] - grad).max().item() <= tolerance * mx.abs(grad).max().item(), name
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
