@@ -55,9 +55,9 @@ from mipo_mlx.convert import convert_model
 from mipo_mlx.data import read_prompts
 from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
-from mipo_mlx.pipeline import open_run
-from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
-from mipo_mlx.trainer import Example, Trainer, build_examples, epoch_order, make_batches, read_pairs
+from mipo_mlx.recipe import LoraConfig, TrainingConfig
+from mipo_mlx.rundir import Pair, read_pairs
+from mipo_mlx.trainer import Example, Trainer, build_examples, epoch_order, make_batches
 
 MAX_SEQ_LENGTH = 1024
 SEED = 0  # the recipe's default: our trainer's batch order, replayed for mlx-lm-lora
@@ -67,13 +67,11 @@ SIDES = {
 }
 
 
-def bundled_pairs(count: int) -> list[dict]:
+def bundled_pairs(count: int) -> list[Pair]:
     """Pairs on the bundled personalization prompts; the answers are other profiles' texts (length is what counts)."""
     records = read_prompts("bundled:personalization/train")[: count + 1]
-    return [
-        {"prompt": r.messages(), "chosen": r.context, "rejected": records[(i + 1) % len(records)].context}
-        for i, r in enumerate(records[:count])
-    ]
+    return [Pair(prompt=r.messages(), chosen=r.context, rejected=records[(i + 1) % len(records)].context)
+            for i, r in enumerate(records[:count])]
 
 
 def prepare(args, work: Path) -> str:
@@ -112,11 +110,8 @@ def warmup_steps(examples: list[Example], batch_size: int) -> int:
 def bench_ours(args, work: Path, examples: list[Example]) -> dict:
     loaded = load_model(str(work / "model"))
     apply_lora(loaded.model, LoraConfig())
-    recipe = parse_recipe(f"model: {{path: {work / 'model'}}}\noutput_dir: {work}\nrun_name: ours\nseed: {SEED}\n",
-                          "bench.yaml", [f"training.batch_size={args.batch_size}", "training.epochs=1000",
-                                         f"training.max_seq_length={MAX_SEQ_LENGTH}"])
-    run = open_run(recipe, resume=False)
-    trainer = Trainer(run, loaded.model, loaded.tokenizer, examples, [], provenance={})
+    training = TrainingConfig(batch_size=args.batch_size, epochs=1000, max_seq_length=MAX_SEQ_LENGTH)
+    trainer = Trainer(loaded.model, loaded.tokenizer, examples, [], training, seed=SEED)
     loaded.model.train()
     warmup = warmup_steps(examples, args.batch_size)
     mx.reset_peak_memory()
@@ -126,7 +121,6 @@ def bench_ours(args, work: Path, examples: list[Example]) -> dict:
     for _ in range(args.steps):
         tokens += trainer.train_step()["tokens"]
     seconds = time.perf_counter() - start
-    run.events.close()
     return {"tokens": tokens, "seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "version": mipo_mlx.__version__}
 
 

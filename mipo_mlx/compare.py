@@ -24,13 +24,11 @@ and n/a in the report):
   language and still pass the language check) and Self-BLEU of the answers (lower is more
   diverse).
 
-`mipo-mlx eval` (mipo_mlx/evaluate.py) runs the same evaluate(), report_header() and
-write_outputs() on any model, with or without an adapter; with one side only, each metric
-is its mean with an interval.
+`mipo-mlx eval` (mipo_mlx/evaluate.py) runs the same answer_and_score() and report_header()
+on any model, with or without an adapter; with one side only, each metric is its mean with
+an interval. The files and their Markdown are report.py's.
 """
 
-import json
-import math
 import time
 from pathlib import Path
 
@@ -38,17 +36,18 @@ import numpy as np
 
 from mipo_mlx.answers import formatted, is_correct, task_of
 from mipo_mlx.chat import encode_prompt
+from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
-from mipo_mlx.metrics import json_ready, per_side, repetition_loop, self_bleu, summarize, whole_set
+from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
-from mipo_mlx.sampling import PAIRS_FILE, reference_logps
-from mipo_mlx.trainer import ADAPTERS_DIR, is_held_out, read_pairs
+from mipo_mlx.report import report_summary, write_outputs
+from mipo_mlx.rundir import ADAPTERS_DIR, COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
+from mipo_mlx.scoring import score_answers
 
-COMPARE_DIR = "compare"
 PROMPT_FORMATS = {
     "math": "{shots}-shot chain of thought (the GSM8K exemplars of Wei et al. 2022), exact match of the final number",
     "mc": "zero-shot, choices listed as 'A. ...', exact match of the letter after 'The answer is: X'",
@@ -101,14 +100,14 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
     return rows, metrics
 
 
-def mutual_information(model, tokenizer, pairs: list[dict], beta: float, samples: int, seed: int) -> dict:
+def mutual_information(model, tokenizer, pairs: list[Pair], beta: float, samples: int, seed: int) -> dict:
     """PMI of the chosen answers under base and adapted model, and the adapted model's DPO rewards."""
-    items = [(p["prompt"], p["chosen"][0]["content"]) for p in pairs]
-    items += [(p["mipo"]["negative_prompt"], p["chosen"][0]["content"]) for p in pairs]
-    items += [(p["prompt"], p["rejected"][0]["content"]) for p in pairs]
+    items = [(p.prompt_messages(), p.chosen_text) for p in pairs]
+    items += [(p.mipo.negative_prompt, p.chosen_text) for p in pairs]
+    items += [(p.prompt_messages(), p.rejected_text) for p in pairs]
     with adapter_disabled(model):
-        base, _ = reference_logps(model, tokenizer, items)
-    adapted, _ = reference_logps(model, tokenizer, items)
+        base, _ = score_answers(model, tokenizer, items)
+    adapted, _ = score_answers(model, tokenizer, items)
     n = len(pairs)
     pmi = lambda lp: [lp[i] - lp[n + i] for i in range(n)]
     margins = [beta * ((adapted[i] - base[i]) - (adapted[2 * n + i] - base[2 * n + i])) for i in range(n)]
@@ -119,65 +118,10 @@ def mutual_information(model, tokenizer, pairs: list[dict], beta: float, samples
     }
 
 
-def defined(*values) -> bool:
-    """Whether every value is a number: an undefined one is NaN in memory and None read back from metrics.json."""
-    return all(v is not None and math.isfinite(v) for v in values)
-
-
-def cell(value, interval=None, spec: str = ".3g") -> str:
-    """A number for the report, with its 95% interval when that is defined; "n/a" for an undefined number."""
-    if not defined(value):
-        return "n/a"
-    shown_interval = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval is not None and defined(*interval) else ""
-    return format(value, spec) + shown_interval
-
-
-def change(m: dict):
-    return m["after"] - m["before"] if defined(m["before"], m["after"]) else None
-
-
-def format_report(metrics: dict, rows: list[dict], header: dict) -> str:
-    """The Markdown report: header, the metrics table (before/after, or one side), a few examples."""
-    paired = any("after" in m for m in metrics.values())
-    lines = ["# Before and after" if paired else "# Evaluation", ""]
-    lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    if paired:
-        lines += ["", "| metric | n | before [95% CI] | after [95% CI] | after - before [95% CI] | p (paired) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-    else:
-        lines += ["", "| metric | n | mean [95% CI] |", "| --- | --- | --- |"]
-    for name, m in metrics.items():
-        if "p_value" in m:
-            lines.append(f"| {name} | {m['n']} | {cell(m['before'], m['before_ci'])} | {cell(m['after'], m['after_ci'])} "
-                         f"| {cell(change(m), m['difference_ci'], '+.3g')} | {cell(m['p_value'])} |")
-        elif "after" in m:  # a statistic of the whole set (Self-BLEU): no interval
-            lines.append(f"| {name} | {m['n']} | {cell(m['before'])} | {cell(m['after'])} | {cell(change(m), spec='+.3g')} | |")
-        elif "mean" in m:
-            lines.append(f"| {name} | {m['n']} | {cell(m['mean'], m.get('ci'))} |")
-    wins = {name: m for name, m in metrics.items() if "wins" in m}
-    if wins:
-        lines += ["", "## Win rates (judge)", "", "| comparison | n | win rate, ties as wins [95% CI] | wins | ties | losses |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {name.removeprefix('judge/win_rate/')} | {m['n']} | {cell(m['value'], m['ci'])} "
-                  f"| {cell(m['wins'])} | {cell(m['ties'])} | {cell(m['losses'])} |" for name, m in wins.items()]
-    lines += ["", "## Examples", ""]
-    for row in rows[:3]:
-        question = row["prompt"][-1]["content"]
-        context = row["prompt"][0]["content"] if row["prompt"][0]["role"] == "system" else ""
-        lines += [f"**Context:** {context}", "", f"**Prompt:** {question}", ""]
-        if "adapted" in row:
-            lines += [f"- before: {row['base'].strip()}", f"- after: {row['adapted'].strip()}", ""]
-        else:
-            lines += [f"- answer: {row['base'].strip()}", ""]
-    return "\n".join(lines)
-
-
-def evaluate(model, tokenizer, records, eval_config, seed: int, adapted: bool = True, events=None, judge=None):
+def answer_and_score(model, tokenizer, records, eval_config, seed: int, adapted: bool = True, judge=None):
     """Answers with the adapter off (and on) to `records` in the paper's prompt formats, scored: (rows, metrics)."""
     records = [formatted(r, eval_config.math_shots) for r in records]
     settings = SamplerSettings(eval_config.temperature, eval_config.top_p, eval_config.max_tokens)
-    if events:
-        events.emit("stage_started", stage="compare", total=len(records) * (2 if adapted else 1), unit="answers")
     answers = answer_sides(model, tokenizer, records, settings, seed, batch_size=16, adapted=adapted)
     rows, metrics = score(records, answers, eval_config.bootstrap_samples, seed)
     if judge:
@@ -199,43 +143,35 @@ def report_header(model: str, adapter: str, data: str, records, eval_config, see
     return header
 
 
-def write_outputs(out_dir: Path, rows: list[dict], metrics: dict, header: dict) -> None:
-    """answers.jsonl, metrics.json and report.md in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (out_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
-    (out_dir / "report.md").write_text(format_report(metrics, rows, header), encoding="utf-8")
+def held_out_pairs(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]:
+    """The pairs the trainer held out (rundir.is_held_out) whose negative prompt was recorded."""
+    return [p for p in pairs if p.mipo and p.mipo.negative_prompt is not None
+            and is_held_out(p.mipo.prompt_id, fraction, seed)]
 
 
-def compare(loaded, adapter_dir: Path, data: str, out_dir: Path, eval_config, seed: int, events=None, data_format="auto",
-            on_bad_line="error", held_out_pairs: list[dict] = (), beta: float = 0.1) -> dict:
-    """Answer, check and report; returns the metrics."""
-    records = read_prompts(data, data_format, on_bad_line, key="data.test")[: eval_config.max_prompts]
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if not lora_layers(model):
-        load_adapter(model, adapter_dir)
-    model.eval()
-    judge = eval_config.judge_model and load_judge(eval_config.judge_model, loaded, seed, key="eval.judge_model")
-    rows, metrics = evaluate(model, tokenizer, records, eval_config, seed, events=events, judge=judge)
-    if held_out_pairs:
-        metrics.update(mutual_information(model, tokenizer, held_out_pairs, beta, eval_config.bootstrap_samples, seed))
-    write_outputs(out_dir, rows, metrics, report_header(loaded.source, str(adapter_dir), data, records, eval_config, seed))
-    return metrics
-
-
-def run_stage(run) -> dict:
+def run_stage(run, load_model) -> dict:
     recipe = run.recipe
     if not recipe.data.test:
         raise UserError("no held-out prompts to compare on; set data.test", key="data.test")
     started = time.time()
-    held_out = [p for p in read_pairs(run.path(PAIRS_FILE)) if "negative_prompt" in p.get("mipo", {})
-                and is_held_out(p["mipo"]["prompt_id"], recipe.training.eval_fraction, recipe.seed)]
-    metrics = compare(run.loaded_model(), run.path(ADAPTERS_DIR), recipe.data.test, run.path(COMPARE_DIR),
-                      recipe.eval, recipe.seed, run.events, recipe.data.format, recipe.data.on_bad_line, held_out,
-                      recipe.training.beta)
+    held_out = held_out_pairs(read_pairs(run.path(PAIRS_FILE)), recipe.training.eval_fraction, recipe.seed)
+    loaded = load_model()
+    records = read_prompts(recipe.data.test, recipe.data.format, recipe.data.on_bad_line,
+                           key="data.test")[: recipe.eval.max_prompts]
+    model, tokenizer, adapter_dir = loaded.model, loaded.tokenizer, run.path(ADAPTERS_DIR)
+    if not lora_layers(model):
+        load_adapter(model, adapter_dir)
+    model.eval()
+    judge = recipe.eval.judge_model and load_judge(recipe.eval.judge_model, loaded, recipe.seed, key="eval.judge_model")
+    run.events.emit("stage_started", stage="compare", total=2 * len(records), unit="answers")
+    rows, metrics = answer_and_score(model, tokenizer, records, recipe.eval, recipe.seed, judge=judge)
+    if held_out:
+        metrics.update(mutual_information(model, tokenizer, held_out, recipe.training.beta,
+                                          recipe.eval.bootstrap_samples, recipe.seed))
+    header = report_header(loaded.source, str(adapter_dir), recipe.data.test, records, recipe.eval, recipe.seed)
+    write_outputs(run.path(COMPARE_DIR), rows, metrics, header)
     table = {name: {k: m[k] for k in ("n", "before", "after", "p_value", "value") if k in m} for name, m in metrics.items()}
     run.events.emit("stage_finished", stage="compare", seconds=time.time() - started, metrics=table)
-    print((run.path(COMPARE_DIR) / "report.md").read_text(encoding="utf-8").split("## Examples")[0])
     return table
 
 
@@ -244,7 +180,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from mipo_mlx.pipeline import reopen_run, run_stages
+    from mipo_mlx.pipeline import run_stages
 
-    run_stages(reopen_run(Path(args.run_dir)), ["compare"])
+    finished = reopen_run(Path(args.run_dir), observers=[ConsoleObserver()])
+    run_stages(finished, ["compare"])
+    print(report_summary(finished.path(COMPARE_DIR)))
     return 0

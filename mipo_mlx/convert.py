@@ -11,15 +11,13 @@ into place at the end: a failure leaves nothing half-written, and an existing OU
 never overwritten.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.files import atomic_folder
 from mipo_mlx.loading import is_quantized, load_model
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -45,19 +43,16 @@ def convert_model(
         if any(m.weight.shape[-1] % group_size for _, m in model.named_modules() if hasattr(m, "to_quantized")):
             raise UserError(f"some layers' widths are not a multiple of {group_size}; try --group-size 32", key="--group-size")
         model, config = quantize_model(model, config, group_size, quantize)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_model(staging, model)
-        save_config(config, staging / "config.json")
-        loaded.tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_folder(out) as staging:
+        write_model_dir(staging, model, config, loaded.tokenizer)
     return out
+
+
+def write_model_dir(directory: Path, model, config: dict, tokenizer) -> None:
+    """An mlx-lm model directory: model.safetensors, config.json and the tokenizer files."""
+    save_model(directory, model)
+    save_config(dict(config), directory / "config.json")
+    tokenizer.save_pretrained(directory)
 
 
 def add_arguments(parser) -> None:

@@ -21,12 +21,12 @@ error naming file:line, or, with `on_bad_line: skip`, is skipped, counted and re
 """
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.files import read_lines
 from mipo_mlx.recipe import BUNDLED_PREFIX
 
 logger = logging.getLogger("mipo_mlx")
@@ -151,29 +151,28 @@ def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", ke
     """
     path = resolve_data_path(spec)
     try:
-        # Split on "\n" only: str.splitlines also splits at U+2028 and U+0085, which JSON strings may hold raw.
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as error:
+        lines, _ = read_lines(path, growing=False)
+    except OSError as error:
         raise UserError(f"cannot read {path} ({error.__class__.__name__})", key=key) from None
     records, skipped, seen = [], [], set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line in lines:
         try:
-            row = json.loads(line)
+            row = line.json()
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
             reader = READERS[detect_layout(row) if layout == "auto" else layout]
             record = reader(row)
             if record.id in seen:
                 raise ValueError(f"duplicate id {record.id!r}")
+        except UnicodeDecodeError as error:
+            raise UserError(f"cannot read {path} ({error.__class__.__name__})", key=key) from None
         except (ValueError, KeyError, TypeError) as error:
             reason = f"missing field {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
             if on_bad_line == "skip":
-                skipped.append(f"line {number}: {reason}")
+                skipped.append(f"line {line.number}: {reason}")
                 continue
             raise UserError(
-                f"{path}:{number}: {reason}; fix the line or {skip_with}", key=key
+                f"{path}:{line.number}: {reason}; fix the line or {skip_with}", key=key
             ) from None
         record.extras.update({k: v for k, v in row.items() if k not in KNOWN_EXTRAS})
         seen.add(record.id)

@@ -7,8 +7,8 @@
 
 One loaded model answers each prompt with the adapter off (before) and, given --adapter,
 on (after), with the same sampler and seed: no second copy of the model. Without
---adapter the report has one column. The metrics and files are compare's
-(mipo_mlx/compare.py): answers.jsonl, metrics.json and report.md in --out (default
+--adapter the report has one column. The metrics are compare's (mipo_mlx/compare.py),
+the files report.py's: answers.jsonl, metrics.json and report.md in --out (default
 evals/MODEL or evals/MODEL+ADAPTER). Mutual information needs a run's held-out pairs,
 so it is only in `mipo-mlx compare`.
 
@@ -25,12 +25,14 @@ import logging
 import typing
 from pathlib import Path
 
-from mipo_mlx.compare import evaluate, report_header, write_outputs
+from mipo_mlx.compare import answer_and_score, report_header
 from mipo_mlx.data import READERS, read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.judge import load_judge, load_named, rekeyed
-from mipo_mlx.lora import ADAPTER_WEIGHTS, load_adapter
+from mipo_mlx.lora import load_adapter
 from mipo_mlx.recipe import BUNDLED_PREFIX, DataConfig, EvalConfig, field_value
+from mipo_mlx.report import report_summary, write_outputs
+from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, METRICS_FILE, REPORT_FILE
 
 logger = logging.getLogger("mipo_mlx")
 EVALS_DIR = Path("evals")
@@ -57,7 +59,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("model", metavar="MODEL", help="'smollm2-135m', a Hub id, an mlx-lm model directory or a .gguf file.")
     parser.add_argument("--adapter", metavar="PATH",
-                        help="An adapter directory (adapters.safetensors + adapter_config.json) or a run directory.")
+                        help=f"An adapter directory ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}) or a run directory.")
     parser.add_argument("--data", required=True, metavar="DATA",
                         help="Prompts: a JSONL file or a bundled set such as bundled:math/test.")
     parser.add_argument("--format", default="auto", choices=["auto", *READERS], help="Record layout of the JSONL file.")
@@ -77,17 +79,17 @@ def add_arguments(parser) -> None:
 
 def adapter_directory(path: str) -> Path:
     """The adapter directory named by --adapter: itself, or a run directory's adapters/."""
-    for candidate in (Path(path), Path(path) / "adapters"):
+    for candidate in (Path(path), Path(path) / ADAPTERS_DIR):
         if (candidate / ADAPTER_WEIGHTS).is_file():
             return candidate
-    raise UserError(f"no adapter in {path}; give a directory with {ADAPTER_WEIGHTS} and adapter_config.json "
-                    "(such as runs/quickstart/adapters) or a run directory", key="--adapter")
+    raise UserError(f"no adapter in {path}; give a directory with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
+                    f"(such as runs/quickstart/{ADAPTERS_DIR}) or a run directory", key="--adapter")
 
 
 def default_out(model: str, adapter: Path | None) -> Path:
     name = Path(model).name.removesuffix(".gguf")
     if adapter is not None:
-        name += "+" + (adapter.parent.name if adapter.name == "adapters" else adapter.name)
+        name += "+" + (adapter.parent.name if adapter.name == ADAPTERS_DIR else adapter.name)
     return EVALS_DIR / name
 
 
@@ -116,11 +118,11 @@ def run(args) -> int:
             raise rekeyed(error, "--adapter") from None
     judge = eval_config.judge_model and load_judge(eval_config.judge_model, loaded, args.seed, key="--judge-model")
     logger.info(f"answering {len(records)} prompts{' with the adapter off and on' if adapter else ''}")
-    rows, metrics = evaluate(loaded.model, loaded.tokenizer, records, eval_config, args.seed,
-                             adapted=adapter is not None, judge=judge)
+    rows, metrics = answer_and_score(loaded.model, loaded.tokenizer, records, eval_config, args.seed,
+                                     adapted=adapter is not None, judge=judge)
     out = Path(args.out) if args.out else default_out(args.model, adapter)
     header = report_header(loaded.source, str(adapter) if adapter else "none", args.data, records, eval_config, args.seed)
     write_outputs(out, rows, metrics, header)
-    print((out / "report.md").read_text(encoding="utf-8").split("## Examples")[0])
-    print(f"wrote {out}/answers.jsonl, metrics.json and report.md")
+    print(report_summary(out))
+    print(f"wrote {out}/{ANSWERS_FILE}, {METRICS_FILE} and {REPORT_FILE}")
     return 0

@@ -1,7 +1,8 @@
 """The run's event log: one JSON object per line in RUN_DIR/events.jsonl.
 
 It is the one interface between the engine and every observer (console, TUI, tests,
-reports). Lines are appended and flushed as they happen; readers tail the file.
+reports). Lines are appended and flushed as they happen (files.JsonlAppender); readers
+tail the file.
 
 Every line has `time` (Unix seconds), `event` (a name below) and the event's fields:
 
@@ -25,14 +26,13 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
     events, offset = read_events(run_dir / "events.jsonl")
 """
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
+from mipo_mlx.files import JsonlAppender, read_jsonl
+
 EVENT_NAMES = (
     "run_started",
     "stage_started",
@@ -62,29 +62,20 @@ class EventLog:
 
     def __init__(self, path: str | Path, observers: list = ()):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # A run killed mid-write leaves a partial last line; appending after it would merge two events.
-            raw = self.path.read_bytes()
-            with open(self.path, "r+b") as f:
-                f.truncate(raw.rfind(b"\n") + 1)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = JsonlAppender(self.path)
         self.observers = list(observers)
 
     def emit(self, event: str, **fields: Any) -> dict:
         if event not in EVENT_NAMES:
             raise ValueError(f"unknown event {event!r}")
         record = {"time": round(time.time(), 3), "event": event, **_json_safe(fields)}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        self._file.append(record)
         for observe in self.observers:
             observe(record)
         return record
 
     def close(self) -> None:
-        if not self._file.closed:
-            os.fsync(self._file.fileno())
-            self._file.close()
+        self._file.close()
 
     def __enter__(self):
         return self
@@ -98,15 +89,4 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
 
     A last line still being written (no newline yet) is left for the next call.
     """
-    path = Path(path)
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    end = chunk.rfind(b"\n") + 1
-    events = []
-    for line in chunk[:end].splitlines():
-        if line.strip():
-            events.append(json.loads(line))
-    return events, offset + end
+    return read_jsonl(path, offset)

@@ -24,7 +24,6 @@ OUT is written in a temporary folder and renamed at the end: never half-written.
 import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,19 +33,22 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.gguf import convert_to_gguf, permute_weights, translate_weight_names
-from mlx_lm.utils import save_config, save_model
 from tokenizers import decoders
 
 from mipo_mlx.chat import encode_answer
+from mipo_mlx.console import ConsoleObserver
+from mipo_mlx.convert import write_model_dir
 from mipo_mlx.errors import UserError
+from mipo_mlx.files import atomic_folder
 from mipo_mlx.model_card import CardInputs, write_card
-from mipo_mlx.loading import EMBEDDED_MODELS, embedded_model_path, is_quantized, load_model
-from mipo_mlx.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from mipo_mlx.loading import EMBEDDED_MODELS, embedded_model_path, is_quantized, load_recipe_model
+from mipo_mlx.lora import load_adapter
 from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
-from mipo_mlx.pipeline import RECIPE_FILE, Run, reopen_run
-from mipo_mlx.sampling import PAIRS_FILE
+from mipo_mlx.recipe import is_hub_id
+from mipo_mlx.rundir import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, PAIRS_FILE, RECIPE_FILE, Run, read_pairs, reopen_run,
+)
 from mipo_mlx.scoring import answer_logprobs, pad_batch
-from mipo_mlx.trainer import ADAPTERS_DIR, _as_messages, _as_text, read_pairs
 
 logger = logging.getLogger("mipo_mlx")
 FORMATS = ("mlx", "peft", "fused", "gguf")
@@ -80,7 +82,7 @@ def default_base_model(model_path: str, config: dict) -> str:
     """The id PEFT users load the base with; a quantized or local base gets a warning."""
     if model_path in EMBEDDED_HF_IDS:
         return EMBEDDED_HF_IDS[model_path]
-    if config.get("quantization") or not _is_hub_id(model_path):
+    if config.get("quantization") or not is_hub_id(model_path) or Path(model_path).exists():
         logger.warning(
             f"PEFT's base_model_name_or_path is {model_path!r}, which transformers cannot load as a float model; "
             "pass --base-model with the transformers checkpoint it came from (e.g. Qwen/Qwen2.5-1.5B-Instruct)"
@@ -88,14 +90,10 @@ def default_base_model(model_path: str, config: dict) -> str:
     return model_path
 
 
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 def probe_batch(run_dir: Path, tokenizer) -> tuple[mx.array, mx.array]:
     """A few of the run's own pairs (both answers) as scoring input: tokens (B, T), mask (B, T-1)."""
     pairs = read_pairs(run_dir / PAIRS_FILE)[:PROBE_PAIRS] if (run_dir / PAIRS_FILE).is_file() else []
-    items = [(_as_messages(p["prompt"]), _as_text(p[side])) for p in pairs for side in ("chosen", "rejected")]
+    items = [(p.prompt_messages(), text) for p in pairs for text in (p.chosen_text, p.rejected_text)]
     encoded = [encode_answer(tokenizer, messages, answer) for messages, answer in items or [PROBE_FALLBACK]]
     return pad_batch([ids[:PROBE_TOKENS] for ids, _ in encoded], [start for _, start in encoded], tokenizer.pad_token_id or 0)
 
@@ -109,12 +107,6 @@ def fuse_lora(model, dequantize: bool):
 
 def _drift(model, probes, reference: mx.array) -> float:
     return mx.abs(answer_logprobs(model, *probes) - reference).max().item()
-
-
-def write_model_dir(directory: Path, model, config: dict, tokenizer) -> None:
-    save_model(directory, model)
-    save_config(dict(config), directory / "config.json")
-    tokenizer.save_pretrained(directory)
 
 
 def gguf_tensors(model, config: dict, dtype) -> dict:
@@ -197,20 +189,18 @@ def export_run(
     source_gguf = base_gguf_path(recipe.model.path)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     run.events.emit("stage_started", stage="export", total=len(formats), unit="formats")
-    loaded = load_model(recipe.model.path, compute=recipe.model.compute, revision=recipe.model.revision)
+    loaded = load_recipe_model(recipe.model)
     if "gguf" in formats and source_gguf is None:
         check_mlx_gguf_support(loaded.config, loaded.tokenizer)  # before any slow work
     result = ExportResult(out, list(formats), base_model or default_base_model(recipe.model.path, loaded.config))
     license_ = mx.load(str(source_gguf), return_metadata=True)[1].get("general.license") if source_gguf else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         shutil.copy(run.path(RECIPE_FILE), staging / RECIPE_FILE)
         if "mlx" in formats:
-            (staging / "mlx").mkdir()
+            (staging / FORMAT_DIRS["mlx"]).mkdir()
             for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-                shutil.copy(adapter_dir / name, staging / "mlx" / name)
+                shutil.copy(adapter_dir / name, staging / FORMAT_DIRS["mlx"] / name)
         if "peft" in formats:
             tensors, peft_config = peft_adapter(
                 mx.load(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_config, result.base_model,
@@ -223,12 +213,6 @@ def export_run(
             run_dir=run.dir, recipe=recipe, formats=list(formats), base_model=result.base_model,
             adapter_config=adapter_config, drift=result.drift, license=license_, repo_id=repo_id,
         ))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     result.files = sorted(p for p in out.rglob("*") if p.is_file())
     run.events.emit("stage_finished", stage="export", seconds=time.time() - started, formats=list(formats),
                     out=str(out), drift=result.drift)
@@ -257,7 +241,7 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
         write_model_dir(staging / FORMAT_DIRS["fused"], model, float_config, tokenizer)
         return
     del model  # one float copy at a time
-    quantized = load_model(run.recipe.model.path, compute="quantized", revision=run.recipe.model.revision)
+    quantized = load_recipe_model(run.recipe.model, compute="quantized")
     if not is_quantized(quantized.model):
         raise UserError("the base model is not quantized, so there is nothing to keep; drop --keep-quantized",
                         key="--keep-quantized")
@@ -288,7 +272,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from mipo_mlx.hub import push_folder
 
-    finished = reopen_run(Path(args.run_dir))
+    finished = reopen_run(Path(args.run_dir), observers=[ConsoleObserver()])
     recipe = finished.recipe
     formats = list(dict.fromkeys(args.formats or recipe.export.formats))
     repo_id = args.push or recipe.export.repo_id

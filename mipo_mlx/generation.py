@@ -16,7 +16,6 @@ nucleus lies within them, which it nearly always does: mlx-lm sorts the whole vo
 at every step, which on the CPU costs more than the batch-16 forward pass itself.
 """
 
-import hashlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -24,6 +23,8 @@ from typing import Iterator
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.sample_utils import make_sampler
+
+from mipo_mlx.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,6 @@ class Answer:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
-
-
-def derived_seed(*parts) -> int:
-    """A 31-bit seed from any values, stable across runs and machines."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _generate_chunk(model, tokenizer, prompts: list[list[int]], settings: SamplerSettings) -> list[Answer]:

@@ -21,6 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineMod
 from huggingface_hub.utils import validate_repo_id
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.recipe import is_hub_id
 
 try:  # huggingface_hub 2 talks through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -118,7 +119,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = Fa
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UserError(f"{repo_id!r} is not a Hub repository id; expected OWNER/NAME", key=KEY) from None
-    if repo_id.count("/") != 1:
+    if not is_hub_id(repo_id):
         raise UserError(f"{repo_id!r} has no owner; expected OWNER/NAME such as your-name/smollm2-mipo", key=KEY)
     plan = upload_plan(folder)
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")

@@ -34,9 +34,10 @@ import re
 
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.errors import UserError
-from mipo_mlx.generation import SamplerSettings, derived_seed, generate_answers
+from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.lora import adapter_disabled
 from mipo_mlx.metrics import per_side, whole_set, win_rate
+from mipo_mlx.seeds import derived_seed
 
 logger = logging.getLogger("mipo_mlx")
 JUDGE_SETTINGS = SamplerSettings(temperature=0.1, top_p=0.9, max_tokens=24)  # the paper's judge sampler

@@ -3,6 +3,7 @@
     loaded = load_model("smollm2-135m")                      # the embedded model
     loaded = load_model("mlx-community/Qwen2.5-1.5B-Instruct-4bit")
     loaded = load_model("path/to/model.gguf", compute="quantized")
+    loaded = load_recipe_model(recipe.model)                  # path, compute and revision of a recipe
     loaded.model, loaded.tokenizer                            # mlx-lm model and TokenizerWrapper
 
 A model is the embedded short name, a `.gguf` file (Llama or Qwen2), an mlx-lm model
@@ -25,6 +26,7 @@ from mlx_lm.utils import dequantize_model, load_model as mlx_lm_load_model, load
 
 from mipo_mlx.errors import UserError
 from mipo_mlx.gguf import load_gguf
+from mipo_mlx.recipe import is_hub_id
 
 logger = logging.getLogger("mipo_mlx")
 COMPUTE_CHOICES = ("auto", "quantized", "float32", "float16", "bfloat16")
@@ -137,7 +139,7 @@ def load_model(spec: str, *, compute: str = "auto", revision: str | None = None)
         model, tokenizer, config = load_gguf(path)
     elif Path(spec).expanduser().exists():
         model, tokenizer, config = _load_directory(Path(spec).expanduser())
-    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    elif is_hub_id(spec):
         model, tokenizer, config = _load_directory(_hub_snapshot(spec, revision))
     else:
         raise UserError(
@@ -149,6 +151,11 @@ def load_model(spec: str, *, compute: str = "auto", revision: str | None = None)
         _say_once_why_cpu_dequantizes()
     model = apply_compute(model, chosen)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=spec, compute=weights_kind(model))
+
+
+def load_recipe_model(model, compute: str | None = None) -> LoadedModel:
+    """The model a recipe's `model` section names (recipe.ModelConfig); `compute` overrides model.compute."""
+    return load_model(model.path, compute=compute or model.compute, revision=model.revision)
 
 
 def weights_kind(model: nn.Module) -> str:

@@ -17,9 +17,6 @@ has lora_alpha = scale * rank (mlx-lm's scale 20 at rank 8 is PEFT's lora_alpha 
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,9 +26,8 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from mipo_mlx.errors import UserError
-
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+from mipo_mlx.files import atomic_folder
+from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def num_lora_layers(model: nn.Module, requested: int) -> int:
@@ -87,38 +83,16 @@ def adapter_disabled(model: nn.Module):
             layer.scale = scale
 
 
-def write_atomically(directory: Path, files: dict) -> None:
-    """Write {name: callable(path)} into `directory` as one unit: all new files or the old ones."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        for name, write in files.items():
-            write(staging / name)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def adapter_files(model: nn.Module, config: dict) -> dict:
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    return {
-        ADAPTER_WEIGHTS: lambda path: mx.save_safetensors(str(path), weights),
-        ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
-    }
+def write_adapter(directory: Path, model: nn.Module, config: dict) -> None:
+    """The adapter's two files (adapters.safetensors, adapter_config.json) into an existing `directory`."""
+    mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config: dict) -> Path:
     """adapters.safetensors + adapter_config.json (from adapter_config) in `directory`, atomically."""
-    write_atomically(Path(directory), adapter_files(model, config))
+    with atomic_folder(directory, replace=True) as staging:
+        write_adapter(staging, model, config)
     return Path(directory)
 
 

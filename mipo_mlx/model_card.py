@@ -9,17 +9,16 @@ from events.jsonl plus a table of the same numbers), the before/after table and 
 from compare/ when the run has them, and the recipe.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import ModelCardData
 
-from mipo_mlx.compare import COMPARE_DIR, format_report
-from mipo_mlx.events import EVENTS_FILE, read_events
-from mipo_mlx.pipeline import RECIPE_FILE
-from mipo_mlx.recipe import Recipe
+from mipo_mlx.events import read_events
+from mipo_mlx.recipe import Recipe, is_hub_id
+from mipo_mlx.report import format_report, read_outputs
+from mipo_mlx.rundir import COMPARE_DIR, EVENTS_FILE, RECIPE_FILE
 
 CARD_FILE = "README.md"
 CURVE_FILE = "training_curve.svg"
@@ -106,7 +105,7 @@ def curve_table(rows: list[dict]) -> str:
 def front_matter(inputs: CardInputs) -> str:
     adapter = bool({"mlx", "peft"} & set(inputs.formats))
     data = ModelCardData(
-        base_model=inputs.base_model if _looks_like_hub_id(inputs.base_model) else None,
+        base_model=inputs.base_model if is_hub_id(inputs.base_model) else None,
         base_model_relation="adapter" if adapter else "merge",
         library_name="peft" if "peft" in inputs.formats else "mlx",
         license=inputs.license,
@@ -116,17 +115,13 @@ def front_matter(inputs: CardInputs) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
-
-
 def usage(inputs: CardInputs) -> str:
     """How to load each exported format, with this repository's id when known."""
     repo = inputs.repo_id or "REPO_ID"
     base = inputs.base_model
     trained_on = inputs.recipe.model.path
     # mlx-lm loads Hub ids and model folders, not mipo-mlx's embedded name nor a GGUF file.
-    mlx_base = trained_on if _looks_like_hub_id(trained_on) else base
+    mlx_base = trained_on if is_hub_id(trained_on) else base
     parts = []
     if "mlx" in inputs.formats:
         parts += ["### mlx-lm (adapter)", "", "```bash", f'hf download {repo} --include "mlx/*" --local-dir mipo-adapter',
@@ -162,13 +157,9 @@ def usage(inputs: CardInputs) -> str:
 
 def before_after(run_dir: Path) -> str:
     """The compare stage's table and a few side-by-side answers, or a line saying there are none."""
-    metrics_path, answers_path = run_dir / COMPARE_DIR / "metrics.json", run_dir / COMPARE_DIR / "answers.jsonl"
-    if not metrics_path.is_file():
+    metrics, rows = read_outputs(run_dir / COMPARE_DIR)
+    if metrics is None:
         return "This run has no before/after comparison (`mipo-mlx compare RUN_DIR` adds one).\n"
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    rows = []
-    if answers_path.is_file():
-        rows = [json.loads(line) for line in answers_path.read_text(encoding="utf-8").split("\n") if line.strip()]
     report = format_report(metrics, rows[:EXAMPLES], header={})
     # The report is a document of its own: drop its title, nest its sections under the card's.
     body = report.split("\n", 1)[1].replace("\n## ", "\n### ")

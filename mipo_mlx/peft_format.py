@@ -21,9 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTERS_DIR
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+PEFT_CONFIG = "adapter_config.json"  # PEFT's name, which happens to be mlx-lm's too
 PEFT_PREFIX = "base_model.model."
 # mlx-lm parameter suffix -> PEFT parameter suffix.
 MLX_TO_PEFT_SUFFIX = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
@@ -36,10 +37,10 @@ def adapted_modules(weights: dict) -> list[str]:
     for module in modules:
         missing = [s for s in MLX_TO_PEFT_SUFFIX if f"{module}.{s}" not in weights]
         if missing:
-            raise UserError(f"{module} has no {missing[0]}: not an mlx-lm LoRA adapter", key="adapters")
+            raise UserError(f"{module} has no {missing[0]}: not an mlx-lm LoRA adapter", key=ADAPTERS_DIR)
     extra = sorted(set(weights) - {f"{m}.{s}" for m in modules for s in MLX_TO_PEFT_SUFFIX})
     if extra:
-        raise UserError(f"tensor {extra[0]} is not a LoRA weight; only LoRA adapters map to PEFT", key="adapters")
+        raise UserError(f"tensor {extra[0]} is not a LoRA weight; only LoRA adapters map to PEFT", key=ADAPTERS_DIR)
     return modules
 
 
@@ -68,7 +69,7 @@ def peft_adapter(weights: dict, mlx_config: dict, base_model: str, num_hidden_la
     """PEFT tensors and adapter_config.json for an mlx-lm adapter (its tensors and its config)."""
     kind = mlx_config.get("fine_tune_type", "lora")
     if kind != "lora":
-        raise UserError(f"fine_tune_type is {kind!r}; only 'lora' adapters map to PEFT", key="adapter_config.json")
+        raise UserError(f"fine_tune_type is {kind!r}; only 'lora' adapters map to PEFT", key=ADAPTER_CONFIG)
     parameters = mlx_config["lora_parameters"]
     rank, scale = int(parameters["rank"]), float(parameters["scale"])
     modules = adapted_modules(weights)
@@ -76,7 +77,7 @@ def peft_adapter(weights: dict, mlx_config: dict, base_model: str, num_hidden_la
     for module in modules:
         lora_a, lora_b = weights[f"{module}.lora_a"], weights[f"{module}.lora_b"]  # (in, r), (r, out)
         if lora_a.shape[1] != rank or lora_b.shape[0] != rank:
-            raise UserError(f"{module} has rank {lora_a.shape[1]}, the config says {rank}", key="adapter_config.json")
+            raise UserError(f"{module} has rank {lora_a.shape[1]}, the config says {rank}", key=ADAPTER_CONFIG)
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = mx.contiguous(lora_a.T)  # (r, in)
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = mx.contiguous(lora_b.T)  # (out, r)
     config = {

@@ -25,6 +25,7 @@ import yaml
 from mipo_mlx.errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
+PATH_PREFIXES = (".", "/", "~")  # how a path to a model is written, as opposed to a name or a Hub id
 DEFAULT_LORA_KEYS = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -34,6 +35,16 @@ DEFAULT_LORA_KEYS = [
     "mlp.up_proj",
     "mlp.down_proj",
 ]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is written as a Hub repository id, OWNER/NAME, rather than as a path."""
+    return name.count("/") == 1 and not name.startswith(PATH_PREFIXES)
+
+
+def missing_model_file(spec: str) -> bool:
+    """Whether a model spec is written as a path (./x, /x, ~/x, x.gguf) to nothing that exists."""
+    return (spec.endswith(".gguf") or spec.startswith(PATH_PREFIXES)) and not Path(spec).expanduser().exists()
 
 
 def _field(default, help: str, **checks):
@@ -167,7 +178,7 @@ class EvalConfig:
 
     def __post_init__(self):
         model = self.judge_model
-        if model and (model.endswith(".gguf") or model.startswith((".", "/", "~"))) and not Path(model).expanduser().exists():
+        if model and missing_model_file(model):
             raise UserError(f"not found: {model}; give an existing model directory or .gguf file, a Hub id, "
                             "'smollm2-135m', or null for no judge", key="eval.judge_model")
 
@@ -349,8 +360,7 @@ def _check_paths(recipe: Recipe, file: str) -> None:
                 key=key,
             )
     model = recipe.model.path
-    looks_local = model.endswith(".gguf") or model.startswith((".", "/", "~")) or Path(model).exists()
-    if looks_local and not Path(model).expanduser().exists():
+    if missing_model_file(model):
         raise UserError(
             f"not found: {model}; give an existing model directory or .gguf file, a Hub id, "
             "or 'smollm2-135m'",
@@ -359,8 +369,12 @@ def _check_paths(recipe: Recipe, file: str) -> None:
         )
 
 
-def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = ()) -> Recipe:
-    """Parse and check recipe YAML text, applying `section.key=value` overrides first."""
+def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = (), check_paths: bool = True) -> Recipe:
+    """Parse and check recipe YAML text, applying `section.key=value` overrides first.
+
+    check_paths=False leaves out the check that local files exist: for a run's saved recipe
+    read from a folder other than the one the run started in (the TUI).
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -375,7 +389,8 @@ def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = ()) -
     for override in overrides:
         _apply_override(raw, override)
     recipe = _build(Recipe, raw, "", file)
-    _check_paths(recipe, file)
+    if check_paths:
+        _check_paths(recipe, file)
     return recipe
 
 

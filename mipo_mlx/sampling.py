@@ -8,8 +8,9 @@ the model's answer to a different prompt x' (recipe `sampling.negative`):
 - drop_context: the same question with the user's context left out;
 - swap_context: the same question with another user's context (never an identical one).
 Both are stored as answers to the full prompt x, with log p_base(answer | x) summed over
-answer tokens (chat.encode_answer + scoring.answer_logprobs, exactly what the trainer
-uses), so DPO needs no reference model.
+answer tokens (scoring.score_answers: chat.encode_answer and scoring.answer_logprobs,
+exactly what the trainer uses), so DPO needs no reference model. The pairs go to
+RUN_DIR/pairs.jsonl as rundir.Pair records, through rundir.PairsWriter.
 
 Resumable by construction: requests are generated in fixed chunks, each seeded by its
 index alone; a pair is written (one flushed line) right after the chunk that completes
@@ -17,24 +18,17 @@ it. A rerun recovers answers from the pairs already written, regenerates the chu
 still needs (identically), and appends the missing pairs in the same order.
 """
 
-import json
-import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import mlx.core as mx
-
-from mipo_mlx.chat import encode_answer, encode_prompt
+from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, read_prompts
 from mipo_mlx.errors import UserError
-from mipo_mlx.generation import Answer, SamplerSettings, derived_seed, generate_chunk
-from mipo_mlx.scoring import answer_logprobs, pad_batch
-
-PAIRS_FILE = "pairs.jsonl"
-SCORING_ROWS = 8  # sequences per reference forward; bounds the (rows, T, vocab) logits
-LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")  # line breaks to str.splitlines that json.dumps keeps raw
+from mipo_mlx.generation import Answer, SamplerSettings, generate_chunk
+from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
+from mipo_mlx.scoring import score_answers
+from mipo_mlx.seeds import derived_seed
 
 
 @dataclass
@@ -106,160 +100,132 @@ def _finish(answer: Answer) -> str:
     return answer.finish_reason if answer.finish_reason in ("stop", "length") else "length"
 
 
-def reference_logps(model, tokenizer, items: list[tuple[list[dict], str]]) -> tuple[list[float], list[tuple[int, int]]]:
-    """log p(answer | prompt) under `model` for (messages, answer) items, and (prompt, answer) token counts."""
-    encoded = [encode_answer(tokenizer, messages, answer) for messages, answer in items]
-    logps = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(encoded), SCORING_ROWS):
-        chunk = encoded[start : start + SCORING_ROWS]
-        tokens, mask = pad_batch([ids for ids, _ in chunk], [s for _, s in chunk], pad_id)
-        values = answer_logprobs(model, tokens, mask)  # (rows,)
-        mx.eval(values)
-        logps += values.tolist()
-    return logps, [(start, len(ids) - start) for ids, start in encoded]
+def known_answers(pairs: dict[str, Pair]) -> dict[str, Answer]:
+    """Answers recovered from written pairs, by request id."""
+    answers = {}
+    for pair in pairs.values():
+        requests, finish = pair.mipo.requests, pair.mipo.finish
+        answers[requests["chosen"]] = Answer(pair.chosen_text, [], finish["chosen"])
+        answers[requests["rejected"]] = Answer(pair.rejected_text, [], finish["rejected"])
+    return answers
 
 
-class PairsFile:
-    """The append-only pairs JSONL: what is written, and a flushed append per pair."""
+class ChunkedAnswers:
+    """Answers by request id: recovered from written pairs, else generated with the whole chunk that holds them.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.written: dict[str, dict] = {}
-        if path.exists():
-            raw = path.read_bytes()
-            complete = raw[: raw.rfind(b"\n") + 1]
-            if len(complete) != len(raw):
-                # A kill mid-write leaves a partial last line; drop only that.
-                with open(path, "r+b") as f:
-                    f.truncate(len(complete))
-            # Split on b"\n" only: str.splitlines would also split inside a string at U+2028 or U+0085.
-            for number, line in enumerate(complete.split(b"\n")[:-1], start=1):
-                try:
-                    pair = json.loads(line)
-                    self.written[pair["mipo"]["id"]] = pair
-                except (ValueError, TypeError, KeyError):
-                    raise UserError(f"{path}:{number}: not a pair written by mipo-mlx; move the file away to sample again") from None
-        self._file = open(path, "a", encoding="utf-8")
+    Requests are cut into chunks of `chunk_size` in their canonical order, and a chunk's
+    sampler is seeded by its index alone, so an answer is the same whichever chunks ran before.
+    """
 
-    def known_answers(self) -> dict[str, Answer]:
-        """Answers recovered from written pairs, by request id."""
-        answers = {}
-        for pair in self.written.values():
-            meta = pair["mipo"]
-            for side in ("chosen", "rejected"):
-                answers[meta["requests"][side]] = Answer(
-                    pair[side][0]["content"], [], meta["finish"][side]
-                )
-        return answers
+    def __init__(self, loaded, requests: list[Request], chunk_size: int, settings: SamplerSettings, seed: int,
+                 known: dict[str, Answer]):
+        self.loaded, self.requests, self.chunk_size = loaded, requests, chunk_size
+        self.settings, self.seed = settings, seed
+        self.answers = dict(known)
+        self.chunk_of = {r.id: i // chunk_size for i, r in enumerate(requests)}
+        self.chunks = -(-len(requests) // chunk_size)
+        self.generated_chunks: set[int] = set()
+        self.generated_tokens = 0
 
-    def append(self, pair: dict) -> None:
-        line = json.dumps(pair, ensure_ascii=False)
-        # JSON leaves these raw in strings, but readers that split on them (str.splitlines) would tear the line.
-        for separator in LINE_SEPARATORS:
-            line = line.replace(separator, f"\\u{ord(separator):04x}")
-        self._file.write(line + "\n")
-        self._file.flush()
-        self.written[pair["mipo"]["id"]] = pair
+    def get(self, request: Request) -> Answer:
+        if request.id not in self.answers:
+            self._generate(self.chunk_of[request.id])
+        return self.answers[request.id]
 
-    def close(self) -> None:
-        os.fsync(self._file.fileno())
-        self._file.close()
+    def _generate(self, index: int) -> None:
+        members = self.requests[index * self.chunk_size : (index + 1) * self.chunk_size]
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        prompts = [encode_prompt(tokenizer, r.messages) for r in members]
+        for member, answer in zip(members, generate_chunk(model, tokenizer, prompts, self.settings, self.seed, index)):
+            self.answers.setdefault(member.id, answer)
+            self.generated_tokens += len(answer.token_ids)
+        self.generated_chunks.add(index)
 
 
-def keep_pair(pair: dict, sampling) -> str | None:
-    """Why a pair is dropped by the optional filters, or None to keep it."""
-    chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: list[float], counts: list[tuple[int, int]],
+              sampling, model: str, seed: int) -> Pair:
+    """The pairs.jsonl record of a planned pair: its answers, their reference log-probs (chosen, rejected) and counts."""
+    return Pair(
+        prompt=plan.record.messages(),
+        chosen=[{"role": "assistant", "content": chosen.text}],
+        rejected=[{"role": "assistant", "content": rejected.text}],
+        mipo=MipoRecord(
+            id=plan.id,
+            prompt_id=plan.record.id,
+            strategy=sampling.negative,
+            negative_source=plan.negative_source,
+            negative_prompt=plan.rejected.messages,
+            ref_logps={"chosen": logps[0], "rejected": logps[1]},
+            pmi=logps[0] - logps[1],
+            tokens={"prompt": counts[0][0], "chosen": counts[0][1], "rejected": counts[1][1]},
+            finish={"chosen": _finish(chosen), "rejected": _finish(rejected)},
+            requests={"chosen": plan.chosen.id, "rejected": plan.rejected.id},
+            sampling={"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens},
+            model=model,
+            seed=seed,
+        ),
+    )
+
+
+def sample_pairs(plans: list[PairPlan], answers: ChunkedAnswers, recipe) -> list[Pair]:
+    """The planned pairs with both answers (generated as needed) and their reference log-probs."""
+    loaded = answers.loaded
+    sides = [(answers.get(plan.chosen), answers.get(plan.rejected)) for plan in plans]
+    # Both answers are scored as answers to the full prompt x.
+    items = [(plan.record.messages(), answer.text) for plan, both in zip(plans, sides) for answer in both]
+    logps, counts = score_answers(loaded.model, loaded.tokenizer, items) if items else ([], [])
+    return [make_pair(plan, chosen, rejected, logps[2 * n : 2 * n + 2], counts[2 * n : 2 * n + 2],
+                      recipe.sampling, loaded.source, recipe.seed)
+            for n, (plan, (chosen, rejected)) in enumerate(zip(plans, sides))]
+
+
+def drop_reason(pair: Pair, sampling) -> str | None:
+    """Why the optional filters drop a pair ("identical", "empty" or "truncated"), or None to keep it."""
+    chosen, rejected = pair.chosen_text, pair.rejected_text
     if sampling.drop_identical and chosen.strip() == rejected.strip():
         return "identical"
     if sampling.drop_empty and (not chosen.strip() or not rejected.strip()):
         return "empty"
-    if sampling.drop_truncated and "length" in pair["mipo"]["finish"].values():
+    if sampling.drop_truncated and "length" in pair.mipo.finish.values():
         return "truncated"
     return None
 
 
-def run_stage(run) -> dict:
-    recipe = run.recipe
-    sampling = recipe.sampling
-    records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)
-    if recipe.data.max_prompts:
-        records = records[: recipe.data.max_prompts]
+def resume_point(plans: list[PairPlan], due: dict[str, int], written: dict[str, Pair]) -> tuple[int, list[PairPlan]]:
+    """The chunk to start from and the pairs still to make: those not written, from the last written pair's chunk on."""
+    last_written_due = max((due[i] for i in written if i in due), default=-1)
+    return max(last_written_due, 0), [p for p in plans if p.id not in written and due[p.id] >= last_written_due]
+
+
+def run_stage(run, load_model) -> dict:
+    recipe, sampling = run.recipe, run.recipe.sampling
+    records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     requests, plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
-    chunk_of = {r.id: i // sampling.batch_size for i, r in enumerate(requests)}
-    # A pair is due once the later of its two requests' chunks is done.
-    due = {p.id: max(chunk_of[p.chosen.id], chunk_of[p.rejected.id]) for p in plans}
-    pairs_file = PairsFile(run.path(PAIRS_FILE))
-    answers = pairs_file.known_answers()
+    pairs_file = PairsWriter(run.path(PAIRS_FILE))
     settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
-    loaded = run.loaded_model()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    dropped = {}
-    chunks = -(-len(requests) // sampling.batch_size)
+    answers = ChunkedAnswers(load_model(), requests, sampling.batch_size, settings, recipe.seed,
+                             known_answers(pairs_file.written))
+    # A pair is due once the later of its two requests' chunks is done.
+    due = {p.id: max(answers.chunk_of[p.chosen.id], answers.chunk_of[p.rejected.id]) for p in plans}
+    first_chunk, pending = resume_point(plans, due, pairs_file.written)
     run.events.emit("stage_started", stage="sample", total=len(plans), unit="pairs")
-    started, generated_tokens, written_now = time.time(), 0, 0
-    last_written_due = max((due[i] for i in pairs_file.written if i in due), default=-1)
-    pending = [p for p in plans if p.id not in pairs_file.written and due[p.id] >= last_written_due]
-    generated_chunks: set[int] = set()
-
-    def ensure(request: Request) -> None:
-        nonlocal generated_tokens
-        if request.id in answers:
-            return
-        index = chunk_of[request.id]
-        members = requests[index * sampling.batch_size : (index + 1) * sampling.batch_size]
-        prompts = [encode_prompt(tokenizer, r.messages) for r in members]
-        for member, answer in zip(members, generate_chunk(model, tokenizer, prompts, settings, recipe.seed, index)):
-            answers.setdefault(member.id, answer)
-            generated_tokens += len(answer.token_ids)
-        generated_chunks.add(index)
-
-    for chunk in range(max(last_written_due, 0), chunks):
-        ready = [p for p in pending if due[p.id] == chunk]
-        for plan in ready:
-            ensure(plan.chosen)
-            ensure(plan.rejected)
-        items = [(p.record.messages(), answers[side.id].text) for p in ready for side in (p.chosen, p.rejected)]
-        logps, counts = reference_logps(model, tokenizer, items) if items else ([], [])
-        for n, plan in enumerate(ready):
-            chosen, rejected = answers[plan.chosen.id], answers[plan.rejected.id]
-            pair = {
-                "prompt": plan.record.messages(),
-                "chosen": [{"role": "assistant", "content": chosen.text}],
-                "rejected": [{"role": "assistant", "content": rejected.text}],
-                "mipo": {
-                    "id": plan.id,
-                    "prompt_id": plan.record.id,
-                    "strategy": sampling.negative,
-                    "negative_source": plan.negative_source,
-                    "negative_prompt": plan.rejected.messages,
-                    "ref_logps": {"chosen": logps[2 * n], "rejected": logps[2 * n + 1]},
-                    "pmi": logps[2 * n] - logps[2 * n + 1],
-                    "tokens": {"prompt": counts[2 * n][0], "chosen": counts[2 * n][1], "rejected": counts[2 * n + 1][1]},
-                    "finish": {"chosen": _finish(chosen), "rejected": _finish(rejected)},
-                    "requests": {"chosen": plan.chosen.id, "rejected": plan.rejected.id},
-                    "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens},
-                    "model": loaded.source,
-                    "seed": recipe.seed,
-                },
-            }
-            reason = keep_pair(pair, sampling)
+    started, written_now, dropped = time.time(), 0, {}
+    for chunk in range(first_chunk, answers.chunks):
+        for pair in sample_pairs([p for p in pending if due[p.id] == chunk], answers, recipe):
+            reason = drop_reason(pair, sampling)
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
             else:
                 pairs_file.append(pair)
                 written_now += 1
         elapsed = max(time.time() - started, 1e-9)
-        done = sum(1 for p in plans if due[p.id] <= chunk)
-        remaining_chunks = chunks - chunk - 1
         run.events.emit(
-            "progress", stage="sample", done=done, total=len(plans), unit="pairs",
-            rate=written_now / elapsed,
-            tokens_per_second=generated_tokens / elapsed,
-            eta_seconds=elapsed / (chunk - max(last_written_due, 0) + 1) * remaining_chunks,
+            "progress", stage="sample", done=sum(1 for p in plans if due[p.id] <= chunk), total=len(plans),
+            unit="pairs", rate=written_now / elapsed, tokens_per_second=answers.generated_tokens / elapsed,
+            eta_seconds=elapsed / (chunk - first_chunk + 1) * (answers.chunks - chunk - 1),
         )
     pairs_file.close()
     summary = {"pairs": len(pairs_file.written), "planned": len(plans), "dropped": dropped,
-               "generated_chunks": len(generated_chunks), "tokens": generated_tokens}
+               "generated_chunks": len(answers.generated_chunks), "tokens": answers.generated_tokens}
     run.events.emit("stage_finished", stage="sample", seconds=time.time() - started, **summary)
     return summary

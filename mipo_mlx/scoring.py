@@ -3,10 +3,12 @@
     tokens, mask = pad_batch([ids_a, ids_b], [start_a, start_b], pad_id)
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
     logps = pair_logprobs(model, *pad_pairs(prompts, chosen + rejected, pad_id))  # (2B,)
+    logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
-answer_logprobs scores whole sequences: the reference pass at sampling time, compare's
-rewards, export's checks. The DPO step scores pairs with pair_logprobs, which runs each
+answer_logprobs scores whole sequences: through score_answers, the reference pass at
+sampling time (and of pairs without one, before training) and compare's rewards; export's
+checks. The DPO step scores pairs with pair_logprobs, which runs each
 prompt once for both its answers, where the model allows it: the same log-probs up to
 float rounding (the trainer's first-step check holds them to the stored reference). A
 mask may cover only the last targets: the vocabulary head then skips the prompt
@@ -16,12 +18,15 @@ positions before it, which score nothing anyway.
 import mlx.core as mx
 import numpy as np
 
+from mipo_mlx.chat import encode_answer
+
 # Pad lengths up to a multiple of this so compiled steps see few distinct shapes.
 PAD_MULTIPLE = 16
 # mlx-lm architectures whose logits are the head (tied embeddings or lm_head) on the body's
 # last hidden states, so that the head can run on some positions only.
 PLAIN_HEAD_MODELS = ("llama", "qwen2", "qwen3")
 HEAD_SLICE = 64
+SCORING_ROWS = 8  # sequences per score_answers forward; bounds the (rows, T, vocab) logits
 
 
 def padded_width(sequences: list[list[int]]) -> int:
@@ -115,6 +120,20 @@ def token_logprobs(model, tokens: mx.array, first: int = 0) -> mx.array:
 def answer_logprobs(model, tokens: mx.array, mask: mx.array) -> mx.array:
     """Sum of answer-token log-probs per sequence: (B,). mask (B, W) covers the last W targets."""
     return (token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[1]) * mask).sum(axis=-1)
+
+
+def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tuple[list[float], list[tuple[int, int]]]:
+    """log p(answer | messages) under `model` for (messages, answer) items, and their (prompt, answer) token counts."""
+    encoded = [encode_answer(tokenizer, messages, answer) for messages, answer in items]
+    logps = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(encoded), SCORING_ROWS):
+        chunk = encoded[start : start + SCORING_ROWS]
+        tokens, mask = pad_batch([ids for ids, _ in chunk], [s for _, s in chunk], pad_id)
+        values = answer_logprobs(model, tokens, mask)  # (rows,)
+        mx.eval(values)
+        logps += values.tolist()
+    return logps, [(start, len(ids) - start) for ids, start in encoded]
 
 
 def shares_prompts(model) -> bool:

@@ -2,6 +2,13 @@
 
     mipo-mlx train recipes/quickstart.yaml [--resume]     # this is its second stage
 
+    examples = build_examples(read_pairs(path), model, tokenizer, max_seq_length=1024)
+    trainer = Trainer(model, tokenizer, examples, [], recipe.training, seed=0)   # no run directory
+    metrics = trainer.train_step()
+
+Trainer is the step and its state alone; run_stage and fit add the run directory (the
+reports in its event log, the checkpoints, the final adapter).
+
 Reference log-probs come from the pairs file (stored at sampling time); pairs without
 them (e.g. a TRL data set) are scored once before training with the adapter off. Each
 step runs each pair's prompt through the model once and its chosen and rejected answers
@@ -45,16 +52,17 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.errors import UserError
-from mipo_mlx.generation import derived_seed
-from mipo_mlx.lora import (
-    ADAPTER_WEIGHTS, adapter_config, adapter_disabled, adapter_files, apply_lora, lora_layers, save_adapter,
-    write_atomically,
+from mipo_mlx.files import atomic_folder
+from mipo_mlx.lora import adapter_config, adapter_disabled, apply_lora, lora_layers, save_adapter, write_adapter
+from mipo_mlx.rundir import (
+    ADAPTER_WEIGHTS, ADAPTERS_DIR, OPTIMIZER_FILE, PAIRS_FILE, STATE_FILE, Pair, checkpoint_dir, is_held_out,
+    latest_checkpoint, read_pairs,
 )
-from mipo_mlx.sampling import PAIRS_FILE, reference_logps
-from mipo_mlx.scoring import PAD_MULTIPLE, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, shares_prompts
+from mipo_mlx.scoring import (
+    PAD_MULTIPLE, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, score_answers, shares_prompts,
+)
+from mipo_mlx.seeds import derived_seed
 
-ADAPTERS_DIR, CHECKPOINTS_DIR = "adapters", "checkpoints"
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
 INITIAL_LOSS_TOLERANCE = 1e-4
 
 
@@ -79,63 +87,30 @@ class Example:
         return self.chosen[0][: self.chosen[1]]
 
 
-def _as_messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-def _as_text(answer) -> str:
-    return answer if isinstance(answer, str) else answer[-1]["content"]
-
-
-def read_pairs(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"no pairs at {path}; run the sample stage first (mipo-mlx sample RECIPE)")
-    try:
-        # Split on "\n" only: str.splitlines also splits at U+2028 and U+0085, which JSON strings may hold raw.
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path} ({error.__class__.__name__}); write it as UTF-8 JSON lines") from None
-    pairs = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                pair = json.loads(line)
-                pair["prompt"], pair["chosen"], pair["rejected"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{number}: expected a JSON object with prompt, chosen and rejected") from None
-            pairs.append(pair)
-    return pairs
-
-
-def build_examples(pairs: list[dict], model, tokenizer, max_seq_length: int) -> list[Example]:
+def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> list[Example]:
     """Token ids of both answers (chat.encode_answer) and their reference log-probs."""
-    missing = [p for p in pairs if "ref_logps" not in p.get("mipo", {})]
+    refs = [pair.ref_logps for pair in pairs]
+    missing = [n for n, ref in enumerate(refs) if ref is None]
     if missing:
         # Pairs from elsewhere: score them once, with the adapter off (the base model).
-        items = [(_as_messages(p["prompt"]), _as_text(p[side])) for p in missing for side in ("chosen", "rejected")]
+        items = [(pairs[n].prompt_messages(), text) for n in missing for text in (pairs[n].chosen_text, pairs[n].rejected_text)]
         with adapter_disabled(model):
-            logps, _ = reference_logps(model, tokenizer, items)
-        for n, pair in enumerate(missing):
-            pair.setdefault("mipo", {})["ref_logps"] = {"chosen": logps[2 * n], "rejected": logps[2 * n + 1]}
+            logps, _ = score_answers(model, tokenizer, items)
+        for i, n in enumerate(missing):
+            refs[n] = (logps[2 * i], logps[2 * i + 1])
     examples = []
-    for n, pair in enumerate(pairs):
-        messages = _as_messages(pair["prompt"])
-        chosen = encode_answer(tokenizer, messages, _as_text(pair["chosen"]))
-        rejected = encode_answer(tokenizer, messages, _as_text(pair["rejected"]))
+    for n, (pair, (ref_chosen, ref_rejected)) in enumerate(zip(pairs, refs)):
+        messages = pair.prompt_messages()
+        chosen = encode_answer(tokenizer, messages, pair.chosen_text)
+        rejected = encode_answer(tokenizer, messages, pair.rejected_text)
         if max(chosen[1], rejected[1]) >= max_seq_length:
             continue  # the prompt alone fills the context: nothing to score
-        refs = pair["mipo"]["ref_logps"]
+        prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
         examples.append(Example(
-            str(pair["mipo"].get("prompt_id", n)),
-            (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            refs["chosen"], refs["rejected"],
+            str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
+            ref_chosen, ref_rejected,
         ))
     return examples
-
-
-def is_held_out(prompt_id: str, fraction: float, seed: int) -> bool:
-    """Whether a prompt's pairs are held out for evaluation (all of them, deterministically)."""
-    return derived_seed(seed, "eval", prompt_id) / 2**31 < fraction
 
 
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -200,11 +175,6 @@ def schedule(training, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(start, training.learning_rate, warmup), cosine], [warmup])
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / CHECKPOINTS_DIR).glob("step-*"))
-    return checkpoints[-1] if checkpoints else None
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -253,26 +223,30 @@ def checkpointed_layers(layer: nn.Module):
 
 
 class Trainer:
-    def __init__(self, run, model, tokenizer, train: list[Example], held_out: list[Example], provenance: dict):
-        self.run, self.model, self.tokenizer = run, model, tokenizer
-        self.training = run.recipe.training
+    """The DPO step on a model with LoRA layers, and its state (step, data cursor, optimizer); it writes no file.
+
+        trainer = Trainer(model, tokenizer, train_examples, held_out_examples, recipe.training, seed=0)
+        metrics = trainer.train_step()       # one optimizer step; TRL-named metrics as floats
+        metrics = trainer.held_out_metrics()
+    """
+
+    def __init__(self, model, tokenizer, train: list[Example], held_out: list[Example], training, seed: int):
+        self.model, self.tokenizer, self.training, self.seed = model, tokenizer, training, seed
         self.train_examples, self.held_out = train, held_out
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Gradient checkpointing recomputes each layer, which would run a shared prompt's cache twice.
-        self.shared_prompts = (shares_prompts(model) and not self.training.grad_checkpoint
+        self.shared_prompts = (shares_prompts(model) and not training.grad_checkpoint
                                and same_prompts(train) and same_prompts(held_out))
-        self.batches = make_batches(train, self.training.batch_size)
-        steps_per_epoch = math.ceil(len(self.batches) / self.training.grad_accumulation)
-        self.total_steps = steps_per_epoch * self.training.epochs
-        if self.training.max_steps:
-            self.total_steps = min(self.total_steps, self.training.max_steps)
+        self.batches = make_batches(train, training.batch_size)
+        steps_per_epoch = math.ceil(len(self.batches) / training.grad_accumulation)
+        self.total_steps = steps_per_epoch * training.epochs
+        if training.max_steps:
+            self.total_steps = min(self.total_steps, training.max_steps)
         self.optimizer = optim.AdamW(
-            learning_rate=schedule(self.training, self.total_steps),
-            betas=list(self.training.adam_betas), weight_decay=self.training.weight_decay,
+            learning_rate=schedule(training, self.total_steps),
+            betas=list(training.adam_betas), weight_decay=training.weight_decay,
         )
         self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
-        self.stop_requested = False
-        self.config = adapter_config(model, run.recipe.lora, run.recipe.model.path, **provenance)
         self._compile()
 
     def _compile(self):
@@ -314,7 +288,7 @@ class Trainer:
         """The next step's micro-batches and the data cursor (epoch, position) after them."""
         epoch, position, batches = self.epoch, self.position, []
         for _ in range(self.training.grad_accumulation):
-            batches.append(self.batches[epoch_order(len(self.batches), self.run.recipe.seed, epoch)[position]])
+            batches.append(self.batches[epoch_order(len(self.batches), self.seed, epoch)[position]])
             epoch, position = (epoch + 1, 0) if position + 1 == len(self.batches) else (epoch, position + 1)
         return batches, (epoch, position)
 
@@ -322,7 +296,7 @@ class Trainer:
         """One optimizer step over grad_accumulation micro-batches; metrics averaged over them."""
         accumulated, sums, tokens_seen = None, {}, 0
         # Dropout noise depends on the step alone, so a resumed run repeats it exactly.
-        mx.random.seed(derived_seed(self.run.recipe.seed, "step", self.step))
+        mx.random.seed(derived_seed(self.seed, "step", self.step))
         batches, cursor = self.next_micro_batches()
         for indices in batches:
             batch, refs, real_tokens = collate(self.train_examples, indices, self.pad_id, self.shared_prompts)
@@ -338,7 +312,8 @@ class Trainer:
         result.update(grad_norm=grad_norm.item(), learning_rate=self.optimizer.learning_rate.item(), tokens=tokens_seen)
         return result
 
-    def evaluate(self) -> dict:
+    def held_out_metrics(self) -> dict:
+        """The step's metrics on the held-out pairs, without an update."""
         sums, count = {}, 0
         for indices in make_batches(self.held_out, self.training.batch_size):
             batch, refs, _ = collate(self.held_out, indices, self.pad_id, self.shared_prompts)
@@ -347,30 +322,15 @@ class Trainer:
             count += len(indices)
         return {k: v / count for k, v in sums.items()}
 
-    def checkpoint_dir(self) -> Path:
-        return self.run.path(CHECKPOINTS_DIR) / f"step-{self.step:06d}"
+    def state(self) -> dict:
+        """Where training is: what a checkpoint's state.json holds."""
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
+                "seed": self.seed, "data_sha256": fingerprint(self.train_examples)}
 
-    def save_checkpoint(self) -> Path:
-        directory = self.checkpoint_dir()
-        optimizer_state = dict(tree_flatten(self.optimizer.state))
-        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
-                 "seed": self.run.recipe.seed, "data_sha256": fingerprint(self.train_examples)}
-        files = adapter_files(self.model, self.config)
-        files[OPTIMIZER_FILE] = lambda path: mx.save_safetensors(str(path), optimizer_state)
-        files[STATE_FILE] = lambda path: path.write_text(json.dumps(state))
-        write_atomically(directory, files)
-        self.run.events.emit("checkpoint_saved", step=self.step, path=str(directory),
-                             sha256=sha256_of(directory / ADAPTER_WEIGHTS))
-        return directory
-
-    def restore(self, directory: Path) -> None:
-        state = json.loads((directory / STATE_FILE).read_text())
-        if state["data_sha256"] != fingerprint(self.train_examples):
-            raise UserError(f"{self.run.path(PAIRS_FILE)} changed since {directory}; the run cannot continue "
-                            "exactly: start a new run with --set run_name=NEW", key="--resume")
-        self.model.load_weights(str(directory / ADAPTER_WEIGHTS), strict=False)
-        saved = mx.load(str(directory / OPTIMIZER_FILE))
-        self.optimizer.state = tree_unflatten(list(saved.items()))
+    def restore(self, state: dict, adapter_weights: Path, optimizer_state: dict) -> None:
+        """Continue from a saved Trainer.state, adapter weights and optimizer state."""
+        self.model.load_weights(str(adapter_weights), strict=False)
+        self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
         self._compile()  # the compiled update must capture the new state dict
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -391,88 +351,116 @@ class Trainer:
         if all(mx.array_equal(before[k], after[k]).item() for k in before):
             raise TrainingStopped("the first update left the adapter unchanged; check training.learning_rate")
 
-    @contextlib.contextmanager
-    def stop_after_step_on_sigint(self):
-        """Ctrl+C asks for a stop at the end of the current step; a second one interrupts at once."""
-        if threading.current_thread() is not threading.main_thread() or (
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
-            yield
-            return
 
-        def request_stop(signum, frame):
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        signal.signal(signal.SIGINT, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def report(self, window: list[dict], seconds: float, started: float, first_step: int) -> None:
-        events = self.run.events
-        metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
-        tokens_per_second = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
-        metrics.update(tokens_per_second=tokens_per_second, peak_memory_gb=mx.get_peak_memory() / 1e9)
-        events.emit("metrics", stage="train", split="train", step=self.step, epoch=self.epoch, **metrics)
-        steps_per_second = (self.step - first_step) / max(time.time() - started, 1e-9)
-        events.emit("progress", stage="train", done=self.step, total=self.total_steps, unit="steps",
-                    rate=steps_per_second, tokens_per_second=tokens_per_second,
-                    eta_seconds=(self.total_steps - self.step) / steps_per_second)
-
-    def fit(self) -> dict:
-        t, events = self.training, self.run.events
-        events.emit("stage_started", stage="train", total=self.total_steps, unit="steps")
-        started, first_step, window, window_start = time.time(), self.step, [], time.time()
-        with self.stop_after_step_on_sigint():
-            while self.step < self.total_steps:
-                before = dict(tree_flatten(self.model.trainable_parameters())) if self.step == first_step == 0 else None
-                self.model.train()
-                metrics = self.train_step()
-                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-                    last = latest_checkpoint(self.run.dir)
-                    raise TrainingStopped(
-                        f"step {self.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not finite; "
-                        f"lower training.learning_rate; the last good checkpoint is {last or 'none'}"
-                    )
-                if before is not None:
-                    self.check_first_step(metrics, before)
-                window.append(metrics)
-                if self.step % t.report_every == 0 or self.step == self.total_steps:
-                    self.report(window, time.time() - window_start, started, first_step)
-                    window = []
-                if self.held_out and (self.step % t.eval_every == 0 or self.step == self.total_steps):
-                    self.model.eval()
-                    events.emit("metrics", stage="train", split="eval", step=self.step, epoch=self.epoch, **self.evaluate())
-                stopping = self.stop_requested and self.step < self.total_steps
-                if self.step % t.save_every == 0 or self.step == self.total_steps or stopping:
-                    self.save_checkpoint()
-                if stopping:
-                    events.emit("note", level="info", text=f"stopped; checkpoint {self.checkpoint_dir()}")
-                    raise KeyboardInterrupt
-                if not window:  # evaluation and checkpoints do not count against the training speed
-                    window_start = time.time()
-        self.model.eval()
-        save_adapter(self.model, self.run.path(ADAPTERS_DIR), self.config)
-        summary = {"steps": self.step, "train_pairs": len(self.train_examples), "eval_pairs": len(self.held_out)}
-        events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
-        return summary
+def save_checkpoint(trainer: Trainer, run, config: dict) -> Path:
+    """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole."""
+    directory = checkpoint_dir(run.dir, trainer.step)
+    optimizer_state = dict(tree_flatten(trainer.optimizer.state))
+    with atomic_folder(directory, replace=True) as staging:
+        write_adapter(staging, trainer.model, config)
+        mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_state)
+        (staging / STATE_FILE).write_text(json.dumps(trainer.state()))
+    run.events.emit("checkpoint_saved", step=trainer.step, path=str(directory),
+                    sha256=sha256_of(directory / ADAPTER_WEIGHTS))
+    return directory
 
 
-def provenance(run, loaded) -> dict:
+def restore_checkpoint(trainer: Trainer, run, directory: Path) -> None:
+    state = json.loads((directory / STATE_FILE).read_text())
+    if state["data_sha256"] != fingerprint(trainer.train_examples):
+        raise UserError(f"{run.path(PAIRS_FILE)} changed since {directory}; the run cannot continue "
+                        "exactly: start a new run with --set run_name=NEW", key="--resume")
+    trainer.restore(state, directory / ADAPTER_WEIGHTS, mx.load(str(directory / OPTIMIZER_FILE)))
+
+
+@contextlib.contextmanager
+def stop_after_step_on_sigint():
+    """Ctrl+C sets the event this yields (stop at the end of the current step); a second one interrupts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def report(trainer: Trainer, events, window: list[dict], seconds: float, started: float, first_step: int) -> None:
+    """The window's mean metrics and the stage's progress, as events."""
+    metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
+    tokens_per_second = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
+    metrics.update(tokens_per_second=tokens_per_second, peak_memory_gb=mx.get_peak_memory() / 1e9)
+    events.emit("metrics", stage="train", split="train", step=trainer.step, epoch=trainer.epoch, **metrics)
+    steps_per_second = (trainer.step - first_step) / max(time.time() - started, 1e-9)
+    events.emit("progress", stage="train", done=trainer.step, total=trainer.total_steps, unit="steps",
+                rate=steps_per_second, tokens_per_second=tokens_per_second,
+                eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second)
+
+
+def fit(trainer: Trainer, run, config: dict) -> dict:
+    """Train to the last step, with reports, held-out metrics and checkpoints in the run; the adapter to adapters/."""
+    t, events, model = trainer.training, run.events, trainer.model
+    events.emit("stage_started", stage="train", total=trainer.total_steps, unit="steps")
+    started, first_step, window, window_start = time.time(), trainer.step, [], time.time()
+    with stop_after_step_on_sigint() as stop:
+        while trainer.step < trainer.total_steps:
+            before = dict(tree_flatten(model.trainable_parameters())) if trainer.step == first_step == 0 else None
+            model.train()
+            metrics = trainer.train_step()
+            if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                last = latest_checkpoint(run.dir)
+                raise TrainingStopped(
+                    f"step {trainer.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not "
+                    f"finite; lower training.learning_rate; the last good checkpoint is {last or 'none'}"
+                )
+            if before is not None:
+                trainer.check_first_step(metrics, before)
+            window.append(metrics)
+            last_step = trainer.step == trainer.total_steps
+            if trainer.step % t.report_every == 0 or last_step:
+                report(trainer, events, window, time.time() - window_start, started, first_step)
+                window = []
+            if trainer.held_out and (trainer.step % t.eval_every == 0 or last_step):
+                model.eval()
+                events.emit("metrics", stage="train", split="eval", step=trainer.step, epoch=trainer.epoch,
+                            **trainer.held_out_metrics())
+            stopping = stop.is_set() and not last_step
+            if trainer.step % t.save_every == 0 or last_step or stopping:
+                checkpoint = save_checkpoint(trainer, run, config)
+            if stopping:
+                events.emit("note", level="info", text=f"stopped; checkpoint {checkpoint}")
+                raise KeyboardInterrupt
+            if not window:  # evaluation and checkpoints do not count against the training speed
+                window_start = time.time()
+    model.eval()
+    save_adapter(model, run.path(ADAPTERS_DIR), config)
+    summary = {"steps": trainer.step, "train_pairs": len(trainer.train_examples), "eval_pairs": len(trainer.held_out)}
+    events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
+    return summary
+
+
+def provenance(recipe, loaded) -> dict:
     """What adapter_config.json records besides mlx-lm's keys: where the adapter came from."""
     template = loaded.tokenizer.chat_template or ""
     return {
-        "revision": run.recipe.model.revision, "compute": loaded.compute, "seed": run.recipe.seed,
+        "revision": recipe.model.revision, "compute": loaded.compute, "seed": recipe.seed,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-        "sampling": vars(run.recipe.sampling), "training": vars(run.recipe.training),
+        "sampling": vars(recipe.sampling), "training": vars(recipe.training),
     }
 
 
-def run_stage(run) -> dict:
+def run_stage(run, load_model) -> dict:
     recipe = run.recipe
-    loaded = run.loaded_model()
+    loaded = load_model()
     model, tokenizer = loaded.model, loaded.tokenizer
     if not lora_layers(model):
         mx.random.seed(derived_seed(recipe.seed, "lora"))
@@ -484,13 +472,14 @@ def run_stage(run) -> dict:
             f"{len(train)} training pairs is fewer than training.batch_size {recipe.training.batch_size}; "
             "sample more prompts or lower the batch size", key="training.batch_size",
         )
-    trainer = Trainer(run, model, tokenizer, train, held_out, provenance(run, loaded))
+    trainer = Trainer(model, tokenizer, train, held_out, recipe.training, recipe.seed)
     checkpoint = latest_checkpoint(run.dir) if run.resumed else None
     if checkpoint:
-        trainer.restore(checkpoint)
+        restore_checkpoint(trainer, run, checkpoint)
+    config = adapter_config(model, recipe.lora, recipe.model.path, **provenance(recipe, loaded))
     checkpointing = recipe.training.grad_checkpoint
     try:
         with checkpointed_layers(model.model.layers[0]) if checkpointing else contextlib.nullcontext():
-            return trainer.fit()
+            return fit(trainer, run, config)
     except TrainingStopped as error:
         raise UserError(str(error), key="training") from None

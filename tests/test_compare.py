@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from mipo_mlx.compare import mutual_information, score, write_outputs
+from mipo_mlx.compare import mutual_information, score
+from mipo_mlx.report import write_outputs
+from mipo_mlx.rundir import MipoRecord, Pair
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.generation import Answer
 from mipo_mlx.judge import judge_metrics, judge_rows
@@ -168,9 +170,10 @@ def test_mutual_information_on_held_out_pairs_before_and_after(tiny_model_dirs):
     move_adapter(apply_lora(loaded.model, LoraConfig(rank=4)))
     examples = [("What should I cook?", "I live in Paris.", "Une soupe."), ("How do I relax?", "I love the sea.", "Walk.")]
     # drop_context pairs: the negative prompt is the question without the user's context.
-    pairs = [{"prompt": [{"role": "system", "content": context}, {"role": "user", "content": question}],
-              "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": "Chess."}],
-              "mipo": {"negative_prompt": [{"role": "user", "content": question}]}} for question, context, chosen in examples]
+    pairs = [Pair([{"role": "system", "content": context}, {"role": "user", "content": question}],
+                  [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": "Chess."}],
+                  MipoRecord(negative_prompt=[{"role": "user", "content": question}]))
+             for question, context, chosen in examples]
     metrics = mutual_information(loaded.model, loaded.tokenizer, pairs, beta=0.1, samples=100, seed=0)
     assert metrics["mutual_information/pmi"]["n"] == 2 and metrics["mutual_information/pmi"]["before"] != 0
     assert metrics["rewards/margins"]["before"] == 0 and metrics["rewards/margins"]["after"] != 0

@@ -16,7 +16,8 @@ from mipo_mlx.answers import (
     task_of,
 )
 from mipo_mlx.cli import main
-from mipo_mlx.compare import format_report, report_header, score
+from mipo_mlx.compare import report_header, score
+from mipo_mlx.report import format_report
 from mipo_mlx.data import read_prompts
 from mipo_mlx.generation import Answer
 from mipo_mlx.loading import load_model

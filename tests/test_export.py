@@ -18,7 +18,7 @@ from mipo_mlx.export import export_run
 from mipo_mlx.gguf import load_gguf
 from mipo_mlx.loading import is_quantized
 from mipo_mlx.model_card import CardInputs, usage
-from mipo_mlx.pipeline import reopen_run
+from mipo_mlx.rundir import reopen_run
 from mipo_mlx.recipe import parse_recipe
 
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from mipo_mlx.compare import format_report, score
+from mipo_mlx.compare import score
+from mipo_mlx.report import format_report
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import Answer

@@ -12,10 +12,12 @@ from mlx.utils import tree_flatten
 from tiny_models import tiny_model, tiny_tokenizer
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.files import atomic_folder
 from mipo_mlx.lora import (
-    adapter_config, adapter_disabled, apply_lora, load_adapter, lora_layers, save_adapter, write_atomically,
+    adapter_config, adapter_disabled, apply_lora, load_adapter, lora_layers, save_adapter,
 )
 from mipo_mlx.recipe import LoraConfig
+from mipo_mlx.rundir import ADAPTER_WEIGHTS
 from mipo_mlx.scoring import token_logprobs
 
 VARIANTS = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
@@ -102,12 +104,9 @@ def test_a_failed_save_leaves_the_previous_adapter_whole(tmp_path):
     path = save_adapter(model, tmp_path / "adapters", adapter_config(model, lora, "tiny"))
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def broken(target):
-        target.write_text("half")
+    with pytest.raises(OSError, match="disk full"), atomic_folder(path, replace=True) as staging:
+        (staging / ADAPTER_WEIGHTS).write_text("half")
         raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        write_atomically(path, {"adapters.safetensors": broken, "adapter_config.json": broken})
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapters"]  # no staging left behind
 

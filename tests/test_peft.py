@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from export_runs import adapted_logprobs, make_run
 from mipo_mlx.export import export_run, probe_batch
 from mipo_mlx.loading import load_model
-from mipo_mlx.pipeline import reopen_run
+from mipo_mlx.rundir import reopen_run
 
 ATOL = 1e-3  # nats per sequence, fp32 on both sides
 # PEFT calls a transformers method that transformers 5 deprecates; not ours to fix.

@@ -14,8 +14,10 @@ from mipo_mlx import sampling
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
-from mipo_mlx.pipeline import open_run, run_stages
+from mipo_mlx.loading import load_recipe_model
+from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import parse_recipe
+from mipo_mlx.rundir import MipoRecord, Pair, PairsWriter, open_run
 
 PROFILES = [
     ("I live in Paris and I answer in French.", "What should I cook tonight?"),
@@ -86,7 +88,8 @@ def test_reference_logps_equal_a_fresh_full_forward(tmp_path, tiny_model_dirs, p
     model_dir = tiny_model_dirs[("llama", True)]
     run = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context")
     run_stages(run, ["sample"])
-    model, tokenizer = run.loaded_model().model, run.loaded_model().tokenizer
+    loaded = load_recipe_model(run.recipe.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     for pair in read_pairs(run):
         for side in ("chosen", "rejected"):
             ids, start = encode_answer(tokenizer, pair["prompt"], pair[side][0]["content"])
@@ -194,20 +197,22 @@ def test_sample_command_killed_with_sigkill_resumes_to_the_clean_pairs(tmp_path,
 
 def test_pairs_file_keeps_unicode_line_breaks_in_answers_and_names_a_bad_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    pairs = sampling.PairsFile(path)
-    meta = {"requests": {"chosen": "a/chosen", "rejected": "b/chosen"}, "finish": {"chosen": "stop", "rejected": "length"}}
+    pairs = PairsWriter(path)
+    requests, finish = {"chosen": "a/chosen", "rejected": "b/chosen"}, {"chosen": "stop", "rejected": "length"}
     for n, text in enumerate(["one\u2028two", "three\x85four\u2029"]):
-        pairs.append({"chosen": [{"content": text}], "rejected": [{"content": "x"}], "mipo": {"id": f"p{n}", **meta}})
+        pairs.append(Pair([{"role": "user", "content": "q"}], [{"role": "assistant", "content": text}],
+                          [{"role": "assistant", "content": "x"}], MipoRecord(id=f"p{n}", requests=requests, finish=finish)))
     pairs.close()
     # Every reader's line splitting sees two lines, and a resume reads back the exact answers.
     assert len(path.read_text(encoding="utf-8").splitlines()) == 2
-    reopened = sampling.PairsFile(path)
-    assert list(reopened.written) == ["p0", "p1"] and reopened.known_answers()["a/chosen"].text == "three\x85four\u2029"
+    reopened = PairsWriter(path)
+    answers = sampling.known_answers(reopened.written)
+    assert list(reopened.written) == ["p0", "p1"] and answers["a/chosen"].text == "three\x85four\u2029"
     reopened.close()
 
     path.write_bytes(path.read_bytes() + b'{"not": "a pair"}\n')
     with pytest.raises(UserError, match=rf"{path}:3: not a pair written by mipo-mlx"):
-        sampling.PairsFile(path)
+        PairsWriter(path)
 
 
 def test_filters_drop_and_count(tmp_path, tiny_model_dirs, prompts_file):

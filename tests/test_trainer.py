@@ -24,9 +24,11 @@ from mipo_mlx import trainer as trainer_module
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.errors import UserError
 from mipo_mlx.events import read_events
+from mipo_mlx.loading import load_recipe_model
 from mipo_mlx.lora import apply_lora
-from mipo_mlx.pipeline import open_run, run_stages
-from mipo_mlx.recipe import LoraConfig, parse_recipe
+from mipo_mlx.pipeline import run_stages
+from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
+from mipo_mlx.rundir import Pair, is_held_out, open_run
 from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 PAIRS = [
@@ -273,13 +275,13 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_undone_after(tmp_pa
     model_dir = tiny_model_dirs[("llama", False)]
     plain = train_run(tmp_path, model_dir, "plain", "training.batch_size=4", "training.max_steps=3")
     run_stages(plain, ["train"])
-    layer_call = type(plain.loaded_model().model.model.layers[0]).__call__
+    layer_call = type(load_recipe_model(plain.recipe.model).model.model.layers[0]).__call__
     checkpointed = train_run(tmp_path, model_dir, "ckpt", "training.batch_size=4", "training.max_steps=3",
                              "training.grad_checkpoint=true")
     run_stages(checkpointed, ["train"])
     expected, got = losses_of(plain), losses_of(checkpointed)
     assert max(abs(got[s] - expected[s]) for s in expected) < 1e-5
-    assert type(checkpointed.loaded_model().model.model.layers[0]).__call__ is layer_call
+    assert type(load_recipe_model(checkpointed.recipe.model).model.model.layers[0]).__call__ is layer_call
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -328,7 +330,24 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
     ids = [f"p{i}" for i in range(400)]
-    held = {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=0)}
+    held = {i for i in ids if is_held_out(i, 0.25, seed=0)}
     assert 60 < len(held) < 140
-    assert held == {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=0)}
-    assert held != {i for i in ids if trainer_module.is_held_out(i, 0.25, seed=1)}
+    assert held == {i for i in ids if is_held_out(i, 0.25, seed=0)}
+    assert held != {i for i in ids if is_held_out(i, 0.25, seed=1)}
+
+
+def test_a_step_needs_only_examples_a_model_and_a_config(tmp_path, monkeypatch):
+    """What bench/dpo.py and a notebook do: no run directory, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    # TRL's standard format (plain strings): the reference log-probs are scored here, adapter off.
+    pairs = [Pair(f"{context} {question}", chosen, rejected) for question, context, chosen, rejected in PAIRS]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    training = TrainingConfig(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0)
+    trainer = trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], training, seed=0)
+    model.train()
+    first, second = trainer.train_step(), trainer.train_step()
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4) and second["loss"] != first["loss"]
+    assert trainer.step == 2 and set(trainer.held_out_metrics()) >= {"loss", "rewards/accuracies"}
+    assert list(tmp_path.iterdir()) == []

@@ -24,11 +24,11 @@ from textual.widgets import Input
 from mipo_mlx import cli
 from mipo_mlx.errors import UserError
 from mipo_mlx.recipe import Recipe
+from mipo_mlx.rundir import is_run_dir
 from mipo_mlx_tui.dialogs import HelpScreen
 from mipo_mlx_tui.launcher import RunSource, TrainingLaunch, source_from_recipe, source_from_run_dir
 from mipo_mlx_tui.run_screen import RunScreen
 from mipo_mlx_tui.runs_screen import RunsScreen
-from mipo_mlx_tui.runstate import is_run_dir
 
 
 KEYMAP_ENV = "MIPO_MLX_KEYMAP"

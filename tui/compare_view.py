@@ -134,7 +134,7 @@ class CompareView(Vertical):
     @work(thread=True, group="generation", exit_on_error=False, description="live answers")
     def generate_answers(self) -> None:
         """The one thread that loads the model and answers every typed prompt in turn."""
-        from mipo_mlx_tui.live_answers import LiveAnswers
+        from mipo_mlx.live import LiveAnswers  # MLX loads here, on the worker, so the TUI opens at once
 
         live = LiveAnswers(self.run_dir)
         try:

@@ -6,12 +6,14 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Markdown, Static
 
-VIEWS_HELP = """\
+from mipo_mlx.rundir import EVENTS_FILE
+
+VIEWS_HELP = f"""\
 # mipo-mlx
 
 - **Runs**: the runs in the output folder; enter opens one.
 - **1 Monitor**: sampling progress and the training curves, read live from the run's
-  `events.jsonl` (a run started in another terminal shows up too).
+  `{EVENTS_FILE}` (a run started in another terminal shows up too).
 - **2 Pairs**: the MIPO pairs; type to search, the cursor opens a pair with its
   prompt, chosen and rejected answers, where the negative came from and its PMI.
 - **3 Compare**: base and adapted answers to the held-out prompts with their checks;

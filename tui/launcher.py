@@ -15,13 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from mipo_mlx.errors import UserError
-from mipo_mlx.pipeline import RECIPE_FILE
 from mipo_mlx.recipe import load_recipe
-
-CONSOLE_LOG = "console.log"
+from mipo_mlx.rundir import CONSOLE_LOG, RECIPE_FILE, run_dir_of, saved_recipe
 
 
 @dataclass
@@ -46,8 +42,7 @@ class RunSource:
 
 
 def source_from_recipe(recipe_path: Path) -> RunSource:
-    recipe = load_recipe(recipe_path)
-    return RunSource(recipe=recipe_path.resolve(), cwd=Path.cwd(), run_dir=(Path(recipe.output_dir) / recipe.run_name).resolve())
+    return RunSource(recipe=recipe_path.resolve(), cwd=Path.cwd(), run_dir=run_dir_of(load_recipe(recipe_path)).resolve())
 
 
 def source_from_run_dir(run_dir: Path) -> RunSource:
@@ -57,7 +52,8 @@ def source_from_run_dir(run_dir: Path) -> RunSource:
     if not saved.is_file():
         raise UserError(f"no {RECIPE_FILE} here, so the run cannot be resumed; start it from its recipe", file=str(run_dir))
     # output_dir/run_name was relative to the folder `mipo-mlx train` ran in; walk back to it.
-    relative = _saved_run_location(saved)
+    # (Its data paths are relative to that folder too, so they are not checked from here.)
+    relative = run_dir_of(saved_recipe(run_dir, check_paths=False))
     if relative.is_absolute():
         return RunSource(recipe=saved, cwd=Path.cwd(), run_dir=run_dir)
     depth = len(relative.parts)
@@ -67,12 +63,6 @@ def source_from_run_dir(run_dir: Path) -> RunSource:
             file=str(saved),
         )
     return RunSource(recipe=saved, cwd=run_dir.parents[depth - 1], run_dir=run_dir)
-
-
-def _saved_run_location(path: Path) -> Path:
-    """output_dir/run_name of a saved recipe (read as YAML: its data paths are relative elsewhere)."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return Path(raw.get("output_dir", "runs")) / (raw.get("run_name") or path.parent.name)
 
 
 def catch_interrupts() -> None:

@@ -14,8 +14,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Input, Static
 from textual.worker import get_current_worker
 
+from mipo_mlx.rundir import PAIRS_FILE, Pair, pair_at
 from mipo_mlx_tui.messages import PairsFiltered
-from mipo_mlx_tui.pairs_index import PairRow, load_pair, matching, message_text
+from mipo_mlx_tui.pairs_index import PairRow, matching
 from mipo_mlx_tui.widgets import ListTable, format_number
 
 # More rows than this in the table only slow it down; a search narrows them.
@@ -24,37 +25,32 @@ MAX_SHOWN_ROWS = 2000
 SEARCH_DELAY_SECONDS = 0.25
 
 
-def messages_markup(messages) -> str:
-    """Chat messages as `role` headings over their text; a plain string as is."""
-    if isinstance(messages, str):
-        return escape(messages)
-    parts = []
-    for message in messages or []:
-        if isinstance(message, dict):
-            parts.append(f"[dim]{escape(str(message.get('role', '')))}[/dim]\n{escape(str(message.get('content', '')))}")
-    return "\n\n".join(parts)
+def messages_markup(messages: list[dict]) -> str:
+    """Chat messages as `role` headings over their text."""
+    return "\n\n".join(f"[dim]{escape(str(m.get('role', '')))}[/dim]\n{escape(str(m.get('content', '')))}"
+                       for m in messages)
 
 
-def pair_header(pair: dict) -> str:
-    mipo = pair.get("mipo") or {}
-    if not mipo:
+def pair_header(pair: Pair) -> str:
+    mipo = pair.mipo
+    if mipo is None:
         return "[b]pair[/b]  from a plain preference file (no MIPO details)"
-    ref = mipo.get("ref_logps") or {}
-    finish = mipo.get("finish") or {}
+    ref = mipo.ref_logps or {}
+    finish = mipo.finish or {}
     return (
-        f"[b]{escape(str(mipo.get('id', '')))}[/b]  strategy {escape(str(mipo.get('strategy', '?')))}  "
-        f"PMI [b]{format_number(mipo.get('pmi'))}[/b] "
+        f"[b]{escape(str(mipo.id or ''))}[/b]  strategy {escape(str(mipo.strategy or '?'))}  "
+        f"PMI [b]{format_number(mipo.pmi)}[/b] "
         f"[dim](ref log p chosen {format_number(ref.get('chosen'))}, rejected {format_number(ref.get('rejected'))}; "
         f"finish {finish.get('chosen', '?')}/{finish.get('rejected', '?')})[/dim]"
     )
 
 
-def negative_markup(pair: dict) -> str:
-    mipo = pair.get("mipo") or {}
-    if "negative_prompt" not in mipo:
+def negative_markup(pair: Pair) -> str:
+    mipo = pair.mipo
+    if mipo is None or mipo.negative_prompt is None:
         return "[dim]not recorded[/dim]"
-    source = escape(str(mipo.get("negative_source", "?")))
-    return f"[dim]from[/dim] [b]{source}[/b]\n\n" + messages_markup(mipo["negative_prompt"])
+    source = escape(str(mipo.negative_source or "?"))
+    return f"[dim]from[/dim] [b]{source}[/b]\n\n" + messages_markup(mipo.negative_prompt)
 
 
 class PairsView(Vertical):
@@ -119,7 +115,7 @@ class PairsView(Vertical):
     def _update_status(self) -> None:
         total = len(self.rows)
         if not total:
-            text = "[dim]No pairs yet: they appear here while sampling writes pairs.jsonl.[/dim]"
+            text = f"[dim]No pairs yet: they appear here while sampling writes {PAIRS_FILE}.[/dim]"
         elif self.query_text:
             text = f"{len(self.shown)} of {total} pairs match [b]{escape(self.query_text)}[/b]"
         else:
@@ -160,11 +156,11 @@ class PairsView(Vertical):
             self._open(self.rows[int(event.row_key.value)])
 
     def _open(self, row: PairRow) -> None:
-        pair = load_pair(self.pairs_path, row.offset)
+        pair = pair_at(self.pairs_path, row.offset)
         self.query_one("#pair-header", Static).update(pair_header(pair))
-        self.query_one("#pair-prompt", Static).update(messages_markup(pair.get("prompt")))
-        self.query_one("#pair-chosen", Static).update(escape(message_text(pair.get("chosen"))))
-        self.query_one("#pair-rejected", Static).update(escape(message_text(pair.get("rejected"))))
+        self.query_one("#pair-prompt", Static).update(messages_markup(pair.prompt_messages()))
+        self.query_one("#pair-chosen", Static).update(escape(pair.chosen_text))
+        self.query_one("#pair-rejected", Static).update(escape(pair.rejected_text))
         self.query_one("#pair-negative", Static).update(negative_markup(pair))
 
     def _clear_detail(self) -> None:

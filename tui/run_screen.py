@@ -18,7 +18,8 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
 from mipo_mlx.errors import UserError
-from mipo_mlx.events import read_events
+from mipo_mlx.files import read_jsonl
+from mipo_mlx.rundir import ANSWERS_FILE, COMPARE_DIR, PAIRS_FILE, RECIPE_FILE
 from mipo_mlx_tui.compare_view import CompareView
 from mipo_mlx_tui.dialogs import ConfirmScreen
 from mipo_mlx_tui.launcher import last_console_line, start_training, stop_run
@@ -30,7 +31,6 @@ from mipo_mlx_tui.runstate import RunState, RunTail
 
 PAIRS_PER_MESSAGE = 500
 MAX_QUEUED_MESSAGES = 4
-ANSWERS_FILE = Path("compare") / "answers.jsonl"
 
 
 class RunScreen(Screen):
@@ -59,7 +59,7 @@ class RunScreen(Screen):
             with TabPane("1 Monitor", id="monitor"):
                 yield MonitorView(id="monitor-view")
             with TabPane("2 Pairs", id="pairs"):
-                yield PairsView(self.run_dir / "pairs.jsonl", id="pairs-view")
+                yield PairsView(self.run_dir / PAIRS_FILE, id="pairs-view")
             with TabPane("3 Compare", id="compare"):
                 yield CompareView(self.run_dir, id="compare-view")
         yield Footer()
@@ -97,7 +97,7 @@ class RunScreen(Screen):
     def tail_run(self) -> None:
         worker = get_current_worker()
         tail = RunTail(self.run_dir)
-        pairs = PairReader(self.run_dir / "pairs.jsonl")
+        pairs = PairReader(self.run_dir / PAIRS_FILE)
         answers_seen = None
         reported_launch = None
         events_readable = True
@@ -116,12 +116,12 @@ class RunScreen(Screen):
                 self.post_message(PairsRead(rows, pairs.unreadable))
                 while self.message_queue_size > MAX_QUEUED_MESSAGES and not worker.is_cancelled:
                     time.sleep(0.05)
-            answers_path = self.run_dir / ANSWERS_FILE
+            answers_path = self.run_dir / COMPARE_DIR / ANSWERS_FILE
             if answers_path.exists():
                 stamp = answers_path.stat()
                 if (stamp.st_mtime_ns, stamp.st_size) != answers_seen:
                     answers_seen = (stamp.st_mtime_ns, stamp.st_size)
-                    answers, _ = read_events(answers_path)  # any JSONL file, whole lines only
+                    answers, _ = read_jsonl(answers_path)
                     self.post_message(AnswersLoaded(answers))
             launch = self.app.launches.get(self.run_dir)
             if launch is not None and launch is not reported_launch and launch.exit_code() is not None:
@@ -159,7 +159,7 @@ class RunScreen(Screen):
         except UserError as error:
             self.notify(str(error), title="Cannot start", severity="error", timeout=10)
             return
-        resume = (self.run_dir / "recipe.yaml").exists()
+        resume = (self.run_dir / RECIPE_FILE).exists()
         verb = "Resume" if resume else "Start"
         question = f"{verb} training [b]{escape(self.run_dir.name)}[/b] from {escape(str(source.recipe))}?"
 

@@ -17,7 +17,8 @@ from textual.worker import get_current_worker
 from mipo_mlx.console import format_duration
 from mipo_mlx_tui.messages import RunsUpdated
 from mipo_mlx_tui.monitor_view import status_text
-from mipo_mlx_tui.runstate import RunState, RunTail, find_runs
+from mipo_mlx.rundir import find_runs
+from mipo_mlx_tui.runstate import RunState, RunTail
 from mipo_mlx_tui.widgets import ListTable, format_number
 
 COLUMNS = ("run", "status", "model", "stage", "step", "loss", "margin", "accuracy", "duration")

@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mipo_mlx.events import EVENTS_FILE, read_events
-from mipo_mlx.pipeline import RECIPE_FILE
+from mipo_mlx.events import read_events
+from mipo_mlx.rundir import EVENTS_FILE
 
 # Training metrics drawn as curves, in TRL's names (see mipo_mlx/events.py).
 CHART_METRICS = (
@@ -150,17 +150,6 @@ class RunTail:
 
     def snapshot(self) -> RunState:
         return copy.deepcopy(self.state)
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / EVENTS_FILE).is_file() or (path / RECIPE_FILE).is_file()
-
-
-def find_runs(output_dir: Path) -> list[Path]:
-    """Run directories directly inside `output_dir`, by name."""
-    if not output_dir.is_dir():
-        return []
-    return sorted(path for path in output_dir.iterdir() if path.is_dir() and is_run_dir(path))
 
 
 def downsample(values: list[float], width: int) -> list[float]:

@@ -46,7 +46,7 @@ class ScriptedAnswers:
 
 
 async def test_typed_prompt_streams_both_answers_off_the_ui_thread(monkeypatch):
-    monkeypatch.setattr("mipo_mlx_tui.live_answers.LiveAnswers", ScriptedAnswers)
+    monkeypatch.setattr("mipo_mlx.live.LiveAnswers", ScriptedAnswers)
     app = MipoApp(FIXTURES, run_dir=RECORDED_RUN, poll_seconds=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("3", "slash", *"hello there", "enter")
@@ -71,7 +71,7 @@ async def test_a_model_that_cannot_load_is_reported_and_the_app_keeps_going(monk
         def load(self):
             raise OSError("no weights\nhere")
 
-    monkeypatch.setattr("mipo_mlx_tui.live_answers.LiveAnswers", Broken)
+    monkeypatch.setattr("mipo_mlx.live.LiveAnswers", Broken)
     app = MipoApp(FIXTURES, run_dir=RECORDED_RUN, poll_seconds=0.05)
     messages = []
     async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:

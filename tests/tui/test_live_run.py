@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 from textual.notifications import Notify
 from textual.widgets import DataTable, Static
 from tui_helpers import recorded_lines, wait_for
 
+from mipo_mlx.errors import UserError
 from mipo_mlx_tui.app import MipoApp
-from mipo_mlx_tui.launcher import TrainingLaunch, catch_interrupts, stop_run
+from mipo_mlx_tui.launcher import TrainingLaunch, catch_interrupts, source_from_run_dir, stop_run
 from mipo_mlx_tui.messages import TrainingExited
 from mipo_mlx_tui.monitor_view import MonitorView
 from mipo_mlx_tui.run_screen import RunScreen
@@ -67,14 +69,23 @@ async def test_a_burst_of_events_reaches_the_monitor_as_few_updates(empty_run):
     assert 1 <= len(run_updates) <= 3
 
 
-async def test_training_started_from_the_tui_reports_how_it_ended(empty_run):
-    # The saved recipe has a typo, so `mipo-mlx train` stops at once with a one-line error.
-    recipe = empty_run / "recipe.yaml"
-    recipe.write_text(recipe.read_text(encoding="utf-8").replace("  beta:", "  bta:"), encoding="utf-8")
-    # Resuming needs output_dir/run_name to name this folder, relative to where it ran.
-    text = recipe.read_text(encoding="utf-8")
+def resumable_recipe(run_dir, old: str, new: str):
+    """The run's saved recipe with `old` replaced, and output_dir/run_name naming this folder (resuming needs them)."""
+    recipe = run_dir / "recipe.yaml"
+    text = recipe.read_text(encoding="utf-8").replace(old, new)
     text = text.replace("output_dir: tests/tui/fixtures", "output_dir: runs").replace("run_name: run", "run_name: live")
     recipe.write_text(text, encoding="utf-8")
+
+
+def test_a_saved_recipe_with_a_typo_is_refused_before_anything_starts(empty_run):
+    resumable_recipe(empty_run, "  beta:", "  bta:")
+    with pytest.raises(UserError, match="training.bta: unknown key"):
+        source_from_run_dir(empty_run)
+
+
+async def test_training_started_from_the_tui_reports_how_it_ended(empty_run):
+    # The prompts file is missing where the run started, so `mipo-mlx train` stops at once with a one-line error.
+    resumable_recipe(empty_run, "train: bundled:personalization/train", "train: missing/prompts.jsonl")
     app = MipoApp(empty_run.parent, run_dir=empty_run, poll_seconds=0.05)
     messages = []
     async with app.run_test(size=(120, 40), message_hook=messages.append) as pilot:
@@ -88,7 +99,7 @@ async def test_training_started_from_the_tui_reports_how_it_ended(empty_run):
         await wait_for(pilot, lambda: any(isinstance(m, TrainingExited) for m in messages), timeout=60)
     [exited] = [m for m in messages if isinstance(m, TrainingExited)]
     assert exited.exit_code == 2
-    assert "training.bta: unknown key" in exited.last_line
+    assert "data.train: file not found: missing/prompts.jsonl" in exited.last_line
 
 
 def test_stop_interrupts_the_process_group_like_ctrl_c(tmp_path):

@@ -8,7 +8,8 @@ import json
 from tui_helpers import RECORDED_RUN, recorded_lines
 
 from mipo_mlx.events import EventLog, read_events
-from mipo_mlx_tui.pairs_index import PairReader, load_pair, matching
+from mipo_mlx.rundir import pair_at
+from mipo_mlx_tui.pairs_index import PairReader, matching
 from mipo_mlx_tui.runstate import RunTail, downsample
 
 
@@ -53,7 +54,7 @@ def test_pair_reader_reads_in_batches_waits_for_whole_lines_and_skips_bad_ones(t
         file.write(lines[5][30:])
     [row] = reader.read_more(100)
     assert row.index == 5 and row.pmi == json.loads(lines[5])["mipo"]["pmi"]
-    assert load_pair(path, row.offset)["chosen"][0]["content"].startswith("Try 'Hoy Hablamos'")
+    assert pair_at(path, row.offset).chosen_text.startswith("Try 'Hoy Hablamos'")
 
 
 def test_plain_trl_pairs_are_listed_and_searchable(tmp_path):
