@@ -194,12 +194,7 @@ class MipoRecord:
 MIPO_FIELDS = {f.name for f in dataclasses.fields(MipoRecord)}
 
 
-def prompt_messages(prompt: Messages | str) -> Messages:
-    """A prompt as chat messages: TRL's standard format gives a plain string, the user's turn."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-def answer_text(answer: Messages | str) -> str:
+def _answer_text(answer: Messages | str) -> str:
     """An answer's text: a plain string, or the content of its last (assistant) message."""
     return answer if isinstance(answer, str) else answer[-1]["content"]
 
@@ -225,15 +220,16 @@ class Pair:
     mipo: MipoRecord | None = None
 
     def prompt_messages(self) -> Messages:
-        return prompt_messages(self.prompt)
+        """The prompt as chat messages: a plain string (TRL's standard format) is the user's turn."""
+        return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else self.prompt
 
     @property
     def chosen_text(self) -> str:
-        return answer_text(self.chosen)
+        return _answer_text(self.chosen)
 
     @property
     def rejected_text(self) -> str:
-        return answer_text(self.rejected)
+        return _answer_text(self.rejected)
 
     @property
     def ref_logps(self) -> tuple[float, float] | None:
