@@ -14,6 +14,18 @@ Kinds and values:
 | closing     | a phrase                               | ends with it                                 |
 | mention     | a word or name                         | contains it                                  |
 | avoid       | a word, or "," for no commas           | does not contain it                          |
+| max_sentences | a number                             | has at most that many sentences              |
+| emoji       | any                                    | has at least one emoji                       |
+| bold        | any                                    | has a **bold** span                          |
+| no_exclamation | !                                   | has no exclamation mark                      |
+| end_question | ?                                     | ends with a question mark                    |
+| greet_name  | the user's name                        | opens with a greeting and the name ("Hi Iris,") |
+| quote       | "                                      | has a span of two or more words in double quotes |
+| signature_word | a word                              | uses that word                               |
+| address_name | the user's name                       | uses the name                                |
+
+The first eight kinds are those of bundled:personalization, the others those of
+bundled:personalization2 (mipo_mlx/bundled/build.py).
 """
 
 import re
@@ -29,6 +41,12 @@ STOP_WORDS = {
 }
 BULLET = re.compile(r"^\s*[-*•]\s+\S", re.MULTILINE)
 NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
+# A sentence ends at . ! ? (or an ellipsis) followed by a space or the end; list lines count as sentences.
+SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)|\n+")
+EMOJI = re.compile("[\U0001F300-\U0001FAFF\U00002600-\U000027BF\U0001F000-\U0001F2FF\U00002B50\U00002B55]")
+BOLD = re.compile(r"\*\*[^*\n]*\w[^*\n]*\*\*|__[^_\n]*\w[^_\n]*__")
+QUOTED = re.compile(r'["\u201c][^"\u201c\u201d\n]*\w+\s+\w+[^"\u201c\u201d\n]*["\u201d]')
+GREETING = ("hi", "hello", "hey", "dear", "good morning", "good evening", "good afternoon", "greetings")
 
 
 def detect_language(text: str) -> str | None:
@@ -74,6 +92,23 @@ def check(preference: dict, answer: str) -> bool:
         return value.lower() in text.lower()
     if kind == "avoid":
         return value not in text if value == "," else re.search(rf"\b{re.escape(value.lower())}\b", text.lower()) is None
+    if kind == "max_sentences":
+        return 0 < len([s for s in SENTENCE_END.split(text) if re.search(r"\w", s)]) <= int(value)
+    if kind == "emoji":
+        return EMOJI.search(text) is not None
+    if kind == "bold":
+        return BOLD.search(text) is not None
+    if kind == "no_exclamation":
+        return "!" not in text
+    if kind == "end_question":
+        return text.rstrip("\"')*_ ").endswith("?")
+    if kind == "greet_name":
+        opening = _normalized(text)
+        return any(opening.startswith(f"{greeting} {value.lower()}") for greeting in GREETING)
+    if kind == "quote":
+        return QUOTED.search(text) is not None
+    if kind in ("signature_word", "address_name"):
+        return re.search(rf"\b{re.escape(value.lower())}\b", text.lower()) is not None
     raise ValueError(f"unknown preference kind {kind!r}")
 
 

@@ -43,6 +43,18 @@ from mipo_mlx.recipe import LoraConfig
     ({"kind": "mention", "value": "Lisbon"}, "In Lisbon, try the tram.", "Try the tram."),
     ({"kind": "avoid", "value": ","}, "Start slow and rest well.", "Start slow, and rest well."),
     ({"kind": "avoid", "value": "coffee"}, "Try green tea.", "Try Coffee with milk."),
+    ({"kind": "max_sentences", "value": 2}, "Drink water. Sleep well!", "Drink water. Sleep well. Walk."),
+    ({"kind": "max_sentences", "value": 2}, "Pack light, e.g. one bag.", "Pack:\n- one bag\n- a map\n- water"),
+    ({"kind": "emoji", "value": "any"}, "Enjoy the trip ✈️", "Enjoy the trip :)"),
+    ({"kind": "bold", "value": "any"}, "Always **book early**.", "Always *book early*."),
+    ({"kind": "no_exclamation", "value": "!"}, "Book early.", "Book early!"),
+    ({"kind": "end_question", "value": "?"}, "Book early. Where are you going?", "Where to? Book early."),
+    ({"kind": "end_question", "value": "?"}, "Book early. Ready to go?**", "Book early."),
+    ({"kind": "greet_name", "value": "Iris"}, "Hi Iris, book early.", "Book early, Iris."),
+    ({"kind": "greet_name", "value": "Iris"}, "Hello, Iris! Book early.", "Hi there, book early."),
+    ({"kind": "quote", "value": '"'}, 'My tip: \u201cbook early\u201d.', 'A "word" alone.'),
+    ({"kind": "signature_word", "value": "indeed"}, "Indeed, book early.", "Book early, indeedy."),
+    ({"kind": "address_name", "value": "Aiko"}, "Well, Aiko, book early.", "Well, Aikos, book early."),
 ])
 def test_every_checker_on_hand_written_answers(preference, passing, failing):
     assert check(preference, passing)

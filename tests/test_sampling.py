@@ -269,6 +269,18 @@ def test_bundled_personalization_splits_by_profile_and_question():
     assert kinds == {"language", "case", "max_words", "list_format", "opening", "closing", "mention", "avoid"}
 
 
+def test_the_second_personalization_set_shares_no_profile_kind_or_question_with_the_first():
+    first = read_prompts("bundled:personalization/train") + read_prompts("bundled:personalization/test")
+    train, test = read_prompts("bundled:personalization2/train"), read_prompts("bundled:personalization2/test")
+    assert (len(train), len(test)) == (136, 84)
+    assert not {r.extras["profile_id"] for r in train} & {r.extras["profile_id"] for r in test}
+    assert not {r.question for r in train} & {r.question for r in test}
+    kinds = lambda records: {p["kind"] for r in records for p in r.extras["preferences"]}
+    assert kinds(train) == kinds(test) and not kinds(train) & kinds(first)
+    assert not {r.question for r in train + test} & {r.question for r in first}
+    assert not {r.context.split(",")[0] for r in train + test} & {r.context.split(",")[0] for r in first}
+
+
 def test_nucleus_sampler_draws_from_mlx_lm_distribution_including_wide_nuclei():
     from mipo_mlx.generation import NUCLEUS_CANDIDATES, SamplerSettings
 

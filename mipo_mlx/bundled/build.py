@@ -6,7 +6,15 @@
   "preferences"}; 48 user profiles with checkable preferences (mipo_mlx/preferences.py)
   and 64 everyday questions, split by profile AND by question (test profiles and test
   questions never appear in train).
-- math/{train,test}.jsonl: grade-school word problems in GSM8K's layout, answers computed.
+- personalization2/{train,test}.jsonl: a second personalization set built the same way that
+  shares nothing with the first: 48 other profiles (other names, jobs, cities, hobbies),
+  other preference KINDS (sentence limits, emoji, bold, exclamation marks, a closing
+  question, a greeting by name, a quoted tip, a signature word, the user's name) and 64
+  questions on other topics (how things work, money, work, travel, science); split by
+  profile and question like the first. A default tuned on the first set meets kinds here
+  that it was never tuned on.
+- math/{train,test}.jsonl: grade-school word problems in GSM8K's layout, answers computed
+  (140 train, 60 test).
 - mc/{train,test}.jsonl: multiple-choice questions in ARC's layout.
 """
 
@@ -100,6 +108,80 @@ def personalization(split_profiles, questions, per_profile, seed):
     return rows
 
 
+# The second personalization set: nothing in common with the first (names, places, kinds, questions).
+NAMES2 = ["Aiko", "Bruno", "Carmen", "Dmitri", "Elif", "Felix", "Gaia", "Hamid", "Iris", "Joaquin", "Kaja", "Luca",
+          "Mei", "Nikos", "Olga", "Pablo", "Rania", "Stefan", "Tomas", "Ursula", "Viktor", "Wanda", "Xavier", "Zofia"]
+CITIES2 = ["Krakow", "Athens", "Bergen", "Valencia", "Utrecht", "Ghent", "Bologna", "Tallinn", "Vienna", "Zagreb",
+           "Lausanne", "Cork"]
+HOBBIES = ["chess", "pottery", "sailing", "birdwatching", "rock climbing", "knitting", "astronomy", "jazz piano"]
+JOBS2 = ["pharmacist", "electrician", "architect", "bus driver", "accountant", "physiotherapist", "journalist", "baker"]
+STYLES2 = [("max_sentences", 2), ("emoji", "any"), ("bold", "any"), ("no_exclamation", "!"), ("max_sentences", 3),
+           ("emoji", "any"), ("bold", "any"), ("max_sentences", 2)]
+FRAMES2 = ["end_question", "greet_name", "quote"]
+SIGNATURE_WORDS = ["wonderful", "indeed", "splendid", "basically", "truly", "certainly"]
+QUESTIONS2 = [
+    "How does a refrigerator keep food cold?", "What is inflation?", "How do I write a polite email to my boss?",
+    "Why do leaves change colour in autumn?", "How can I pay off a credit card faster?", "What is a black hole?",
+    "How do I prepare for a long flight?", "Why is the sea salty?", "How do vaccines work?",
+    "What should I look for when renting a flat?", "How does a bicycle gear work?", "What is compound interest?",
+    "How do I ask for a raise?", "Why do we have seasons?", "How can I back up the photos on my phone?",
+    "What is the difference between weather and climate?", "How do I pick a good password?",
+    "How do airplanes stay in the air?", "What should I do if I miss a train connection?", "How do solar panels work?",
+    "How can I give useful feedback to a colleague?", "What is a budget and how do I make one?",
+    "Why does bread go stale?", "How do I choose a good travel backpack?", "What causes thunder?",
+    "How can I run a good meeting?", "What is a mortgage?", "How does the internet send a message across the world?",
+    "How do I learn to touch type?", "Why do cats purr?", "What should I know before buying a used car?",
+    "How do magnets work?", "How can I negotiate a lower rent?", "What is a healthy amount of sleep?",
+    "How do I get over jet lag?", "Why is the sky dark at night?", "How do I write a good cover letter?",
+    "What is an index fund?", "How does a microwave heat food?", "How can I keep my email inbox under control?",
+    "What is the water cycle?", "How do I plan a budget trip to the mountains?", "Why do onions make us cry?",
+    "How do noise cancelling headphones work?", "How can I say no to extra work politely?",
+    "What is a credit score?", "How do bees make honey?", "How do I find cheap train tickets?",
+    # Test questions: never seen in training.
+    "How does a heat pump work?", "What is a pension and why does it matter?", "How do I prepare for a presentation?",
+    "Why do we get goosebumps?", "How can I avoid roaming charges abroad?", "What is an earthquake?",
+    "How do I split bills fairly with flatmates?", "How does GPS know where I am?", "What should I do on a long layover?",
+    "Why does ice float?", "How can I ask a colleague for help?", "What is a savings account for?",
+    "How do rainbows form?", "How do I keep my laptop battery healthy?", "What is a good way to learn about wine?",
+    "How can I travel with only a carry-on bag?",
+]
+TRAIN_QUESTIONS2, TEST_QUESTIONS2 = QUESTIONS2[:48], QUESTIONS2[48:]
+N_PROFILES2, N_TEST_PROFILES2 = 48, 14
+
+
+def style_text2(kind, value):
+    return {
+        "max_sentences": lambda: f"Answer in at most {value} sentences.",
+        "emoji": lambda: "Use at least one emoji in every answer.",
+        "bold": lambda: "Put the most important words in **bold**.",
+        "no_exclamation": lambda: "Never use exclamation marks.",
+        "end_question": lambda: "Always end your answer with a question for me.",
+        "greet_name": lambda: f"Begin every answer by greeting me by name, like 'Hi {value},'.",
+        "quote": lambda: "Put your single most important tip in double quotes.",
+        "signature_word": lambda: f"Use the word '{value}' at least once.",
+        "address_name": lambda: f"Call me {value} somewhere in the answer.",
+    }[kind]()
+
+
+def profiles2():
+    rng = random.Random(11)
+    result = []
+    for i in range(N_PROFILES2):
+        name, city, hobby, job = NAMES2[i % len(NAMES2)], CITIES2[i % len(CITIES2)], HOBBIES[i % len(HOBBIES)], JOBS2[i % len(JOBS2)]
+        style = STYLES2[i % len(STYLES2)]
+        frame_kind = FRAMES2[(i // 2) % len(FRAMES2)]
+        frame = (frame_kind, name if frame_kind == "greet_name" else {"end_question": "?", "quote": '"'}[frame_kind])
+        # A greeting already uses the name: those profiles get a signature word instead.
+        personal = (("signature_word", SIGNATURE_WORDS[(i // 3) % len(SIGNATURE_WORDS)])
+                    if frame_kind == "greet_name" or i % 2 else ("address_name", name))
+        preferences = [{"kind": k, "value": v, "text": style_text2(k, v)} for k, v in (style, frame, personal)]
+        facts = f"I'm {name}, a {job} from {city}, and I love {hobby}."
+        rules = " ".join(p["text"] for p in preferences)
+        result.append({"profile_id": f"v{i:02d}", "context": f"{facts} {rules}", "preferences": preferences})
+    rng.shuffle(result)
+    return result[N_TEST_PROFILES2:], result[:N_TEST_PROFILES2]
+
+
 def math_problems(count, seed):
     rng = random.Random(seed)
     templates = [
@@ -166,9 +248,13 @@ def main():
     train_profiles, test_profiles = profiles()
     write("personalization/train", personalization(train_profiles, TRAIN_QUESTIONS, 4, seed=1))
     write("personalization/test", personalization(test_profiles, TEST_QUESTIONS, 4, seed=2))
-    math = math_problems(60, seed=3)
-    write("math/train", math[:40])
-    write("math/test", math[40:])
+    train_profiles2, test_profiles2 = profiles2()
+    write("personalization2/train", personalization(train_profiles2, TRAIN_QUESTIONS2, 4, seed=4))
+    write("personalization2/test", personalization(test_profiles2, TEST_QUESTIONS2, 6, seed=5))
+    # The first 60 problems were the whole set once; later ones are appended so that earlier ids keep their split.
+    math = math_problems(200, seed=3)
+    write("math/train", math[:40] + math[60:160])
+    write("math/test", math[40:60] + math[160:])
     mc = multiple_choice()
     write("mc/train", mc[:16])
     write("mc/test", mc[16:])
