@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.dpo import LOSS_TYPES, dpo_losses, dpo_metrics, initial_loss
+from mipo_mlx.dpo import LOSS_TYPES, dpo_losses, dpo_metrics, infonce_losses, initial_loss
 
 
 def log_sigmoid(x):
@@ -105,3 +105,34 @@ def test_unknown_loss_type_is_refused():
     zero = mx.zeros((1,))
     with pytest.raises(ValueError, match="unknown DPO loss 'kto'"):
         dpo_losses(zero, zero, zero, zero, 0.1, "kto")
+
+
+def test_dpop_penalizes_a_chosen_answer_that_falls_below_the_reference_inside_the_sigmoid():
+    pc, pr, rc, rr, _, _ = random_logps(seed=3)
+    beta, lam = 0.1, 5.0
+    losses, chosen, rejected = dpo_losses(*(mx.array(v) for v in (pc, pr, rc, rr)), beta, dpop_lambda=lam)
+    h = (pc - rc) - (pr - rr) - lam * np.maximum(0.0, rc - pc)  # Smaug, eq. 3
+    np.testing.assert_allclose(np.array(losses), -log_sigmoid(beta * h), rtol=1e-5)
+    np.testing.assert_allclose(np.array(chosen), beta * (pc - rc), rtol=1e-5)
+    # The same margin costs more when the chosen answer lost likelihood than when it gained it.
+    zero, margin = mx.zeros((1,)), mx.array([5.0])
+    fell = dpo_losses(zero, -margin - 5.0, margin, zero, beta, dpop_lambda=lam)[0].item()  # pc 5 below rc
+    rose = dpo_losses(margin, zero, zero, zero, beta, dpop_lambda=lam)[0].item()
+    assert fell > rose == pytest.approx(dpo_losses(margin, zero, zero, zero, beta)[0].item())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_infonce_is_minus_log_softmax_at_the_chosen_answer_and_ln_k_plus_1_at_the_start(k):
+    rng = np.random.default_rng(k)
+    pc, rc = rng.normal(-30, 5, 8), rng.normal(-30, 5, 8)
+    pn, rn = rng.normal(-30, 5, (8, k)), rng.normal(-30, 5, (8, k))
+    beta = 0.1
+    losses, chosen, negatives = infonce_losses(*(mx.array(v) for v in (pc, pn, rc, rn)), beta)
+    rewards = np.concatenate([beta * (pc - rc)[:, None], beta * (pn - rn)], axis=1)
+    expected = np.logaddexp.reduce(rewards, axis=1) - rewards[:, 0]
+    np.testing.assert_allclose(np.array(losses), expected, rtol=1e-5)
+    assert np.array(negatives).shape == (8, k)
+    assert initial_loss(beta, "infonce", 0.0, negatives=k) == pytest.approx(math.log(k + 1), rel=1e-6)
+    if k == 1:  # with one negative it is sigmoid DPO
+        sigmoid, _, _ = dpo_losses(*(mx.array(v) for v in (pc, pn[:, 0], rc, rn[:, 0])), beta)
+        np.testing.assert_allclose(np.array(losses), np.array(sigmoid), rtol=1e-5)
