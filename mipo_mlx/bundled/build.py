@@ -175,7 +175,8 @@ def profiles2():
         personal = (("signature_word", SIGNATURE_WORDS[(i // 3) % len(SIGNATURE_WORDS)])
                     if frame_kind == "greet_name" or i % 2 else ("address_name", name))
         preferences = [{"kind": k, "value": v, "text": style_text2(k, v)} for k, v in (style, frame, personal)]
-        facts = f"I'm {name}, a {job} from {city}, and I love {hobby}."
+        article = "an" if job[0] in "aeiou" else "a"
+        facts = f"I'm {name}, {article} {job} from {city}, and I love {hobby}."
         rules = " ".join(p["text"] for p in preferences)
         result.append({"profile_id": f"v{i:02d}", "context": f"{facts} {rules}", "preferences": preferences})
     rng.shuffle(result)
