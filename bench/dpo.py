@@ -64,6 +64,8 @@ SEED = 0  # the recipe's default: our trainer's batch order, replayed for mlx-lm
 SIDES = {
     "mipo-mlx": "one model; reference log-probs read from the pairs; each prompt once, both answers in one forward",
     "mlx-lm-lora": "policy and reference copy in memory; reference forward every step; chosen and rejected apart",
+    "trl": "PEFT LoRA on torch; reference log-probs precomputed (precompute_ref_log_probs); chosen and rejected "
+           "in one padded batch",
 }
 
 
@@ -172,13 +174,56 @@ def bench_mlx_lm_lora(args, work: Path, examples: list[Example]) -> dict:
             "peak_gb": mx.get_peak_memory() / 1e9, "version": mlx_lm_lora.__version__}
 
 
+def bench_trl(args, work: Path, examples: list[Example]) -> dict:
+    import datasets
+    import torch
+    import trl
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.set_num_threads(os.cpu_count())  # OpenBLAS runs ours on every core too
+    # TRL's default is gradient checkpointing; ours (and mlx-lm-lora's run here) keep the activations.
+    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
+    lora, training = LoraConfig(), TrainingConfig()
+    warmup = warmup_steps(examples, args.batch_size)
+    plan = step_batches(examples, args.batch_size, warmup + args.steps)
+    # Our token ids in our batch order: its own tokenization is skipped, and its sampler reads the rows in order.
+    rows = [{"prompt_ids": examples[i].prompt, "chosen_ids": examples[i].chosen[0][examples[i].chosen[1]:],
+             "rejected_ids": examples[i].rejected[0][examples[i].rejected[1]:]} for batch in plan for i in batch]
+    tokens_per_step = [sum(len(examples[i].chosen[0]) + len(examples[i].rejected[0]) for i in b) for b in plan]
+    step_times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter())
+
+    config = trl.DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, max_steps=len(plan),
+        learning_rate=training.learning_rate, adam_beta1=training.adam_betas[0], adam_beta2=training.adam_betas[1],
+        max_grad_norm=training.max_grad_norm, beta=training.beta, loss_type=["sigmoid"], max_length=MAX_SEQ_LENGTH,
+        precompute_ref_log_probs=True, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        dataloader_num_workers=0, remove_unused_columns=False, seed=SEED,
+    )
+    peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale * lora.rank, lora_dropout=lora.dropout,
+                                 target_modules=[key.split(".")[-1] for key in lora.keys], task_type="CAUSAL_LM")
+    with mock.patch.object(trl.DPOTrainer, "_prepare_dataset", lambda self, dataset, *a, **k: dataset), \
+            mock.patch.object(trl.DPOTrainer, "_get_train_sampler",
+                              lambda self, *a, **k: torch.utils.data.SequentialSampler(self.train_dataset)):
+        trainer = trl.DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+        trainer.train()
+    return {"tokens": sum(tokens_per_step[warmup:]), "seconds": step_times[-1] - step_times[warmup - 1],
+            "peak_gb": None, "version": f"trl {trl.__version__}, peft, torch {torch.__version__}"}
+
+
 def run_side(args) -> None:
     """One side, in this process; the result goes to WORK/SIDE.json."""
     if args.mlx_lm_lora:
         sys.path.append(args.mlx_lm_lora)  # after our site-packages: it must not shadow our mlx or mlx-lm
     work = Path(args.work)
     examples = read_examples(work)
-    result = (bench_ours if args.side == "mipo-mlx" else bench_mlx_lm_lora)(args, work, examples)
+    result = {"mipo-mlx": bench_ours, "mlx-lm-lora": bench_mlx_lm_lora, "trl": bench_trl}[args.side](args, work, examples)
     result.update(blas=describe_backend()["blas"], max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     (work / f"{args.side}.json").write_text(json.dumps(result))
 
@@ -200,6 +245,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="Timed steps, after one untimed pass over the batches.")
     parser.add_argument("--mlx-lm-lora", help="Folder holding the mlx_lm_lora package, if not installed here.")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="Which trainers to run.")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,18 +255,25 @@ def main() -> None:
         work = Path(directory)
         compute = prepare(args, work)
         examples = read_examples(work)
-        results = {side: spawn_side(args, work, side) for side in SIDES}
-    ours, theirs = results["mipo-mlx"], results["mlx-lm-lora"]
+        results = {side: spawn_side(args, work, side) for side in args.sides}
     backend = describe_backend()
     print(f"model {args.model} ({compute} on {backend['backend']}), {len(examples)} pairs, "
           f"batch {args.batch_size}, max length {MAX_SEQ_LENGTH}, {args.steps} timed steps after "
-          f"{warmup_steps(examples, args.batch_size)}; {os.cpu_count()} CPUs, mlx {backend['mlx']}")
-    for side, what in SIDES.items():
-        r = results[side]
-        print(f"{side + ':':13} {r['tokens'] / r['seconds']:8.1f} tok/s   peak memory {r['peak_gb']:.2f} GB   "
-              f"max RSS {r['max_rss_gb']:.2f} GB   BLAS {r['blas']}\n{'':14}{r['version']}: {what}")
-    speed = (ours["tokens"] / ours["seconds"]) / (theirs["tokens"] / theirs["seconds"])
-    print(f"speed {speed:.2f}x (goal: at least 1.5x), memory {ours['peak_gb'] / theirs['peak_gb']:.2f}x (goal: at most 0.6x)")
+          f"{warmup_steps(examples, args.batch_size)}; {os.cpu_count()} CPUs, mlx {backend['mlx']}, load {os.getloadavg()[0]:.1f}")
+    for side, r in results.items():
+        peak = f"peak memory {r['peak_gb']:.2f} GB" if r["peak_gb"] is not None else "peak memory (MLX) n/a"
+        print(f"{side + ':':13} {r['tokens'] / r['seconds']:8.1f} tok/s   {peak}   max RSS {r['max_rss_gb']:.2f} GB   "
+              f"BLAS {r['blas']}\n{'':14}{r['version']}: {SIDES[side]}")
+    speed = lambda side: (results["mipo-mlx"]["tokens"] / results["mipo-mlx"]["seconds"]) / (
+        results[side]["tokens"] / results[side]["seconds"])
+    if "mipo-mlx" in results and "mlx-lm-lora" in results:
+        memory = results["mipo-mlx"]["peak_gb"] / results["mlx-lm-lora"]["peak_gb"]
+        print(f"against mlx-lm-lora: speed {speed('mlx-lm-lora'):.2f}x (goal: at least 2x), "
+              f"peak memory {memory:.2f}x (goal: at most 0.45x)")
+    if "mipo-mlx" in results and "trl" in results:
+        # torch's allocations are not MLX's: the whole process's max RSS on both sides, loading included.
+        memory = results["mipo-mlx"]["max_rss_gb"] / results["trl"]["max_rss_gb"]
+        print(f"against TRL: speed {speed('trl'):.2f}x (goal: at least 2x), max RSS {memory:.2f}x (goal: at most 0.5x)")
 
 
 if __name__ == "__main__":
