@@ -9,7 +9,8 @@
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`;
 only the module of the command being run is imported, so `--help` is instant.
-A UserError becomes one line on stderr and exit status 2.
+A UserError or a usage mistake becomes one line on stderr, printed here and nowhere
+else, and exit status 2.
 """
 
 import argparse
@@ -31,11 +32,16 @@ COMMANDS = {
 }
 
 
+def report_error(message: str) -> None:
+    """The one place an error reaches the terminal: one line on stderr."""
+    sys.stderr.write(f"mipo-mlx: error: {' '.join(message.split())}\n")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line and exit status 2."""
 
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        report_error(f"{message} (see {self.prog} --help)")
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserError as error:
-        sys.stderr.write(f"mipo-mlx: error: {error}\n")
+        report_error(str(error))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("mipo-mlx: interrupted; what was written is kept, run the same command to resume\n")

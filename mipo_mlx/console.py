@@ -2,7 +2,8 @@
 
     log = EventLog(path, observers=[ConsoleObserver()])
 
-It reads only the event records (see events.py), like every other observer.
+It reads only the event records (see events.py), like every other observer. A run_failed
+event draws nothing: the error it records is printed once, by the CLI (mipo_mlx/cli.py).
 """
 
 import sys
@@ -75,5 +76,8 @@ class ConsoleObserver:
             self._print(f"checkpoint at step {record['step']}: {record['path']}")
         elif event == "run_finished":
             self._print(f"run {record['status']} in {format_duration(record.get('seconds'))}")
-        elif event == "run_failed":
-            self._print(f"run failed in stage {record.get('stage')}: {record['error']}")
+        elif event == "run_failed" and self._bar_shown:
+            # The CLI prints the error next: on a line of its own, not after the bar.
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._bar_shown = False

@@ -16,9 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
 
-from mipo_mlx.errors import UserError
+from mipo_mlx.errors import UserError, rekeyed
 from mipo_mlx.files import atomic_folder
 from mipo_mlx.loading import is_quantized, load_model
+from mipo_mlx.preflight import check_model, check_output_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
@@ -64,6 +65,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    out = convert_model(args.src, args.out, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    check_model(args.src, key="SRC")
+    check_output_folder(args.out, "OUT")
+    try:
+        out = convert_model(args.src, args.out, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    except UserError as error:
+        raise (rekeyed(error, "SRC") if error.key == "model.path" else error) from None
     print(f"wrote {out}; try: python -m mlx_lm generate --model {out} --prompt 'Hello'")
     return 0

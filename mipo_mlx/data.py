@@ -17,15 +17,21 @@ Layouts (detected per line when the recipe says `format: auto`):
 Every record keeps an id: the line's `id` (or `conversation_id`) when it has one, else a
 hash of its content, so ids stay stable when lines move. Other fields (preferences,
 profile ids, gold answers) are kept in `extras` for evaluation. A malformed line is an
-error naming file:line, or, with `on_bad_line: skip`, is skipped, counted and reported.
+error naming file:line and what a record looks like, or, with `on_bad_line: skip`, is
+skipped, counted and reported. A file that is not JSON lines at all (CSV, YAML, plain
+text, one JSON array) is named for what it seems to be; bytes that are not UTF-8 are named
+by file:line:column; two records with the same id are named by both lines.
 """
 
+import csv
 import hashlib
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mipo_mlx.errors import UserError
+from mipo_mlx.errors import UserError, not_utf8, unreadable
 from mipo_mlx.files import read_lines
 from mipo_mlx.recipe import BUNDLED_PREFIX
 
@@ -50,17 +56,17 @@ class PromptRecord:
         return system + self.history + [{"role": "user", "content": self.question}]
 
 
-def bundled_path(name: str) -> Path:
-    """File of a bundled set, e.g. 'personalization/train'."""
+def bundled_path(name: str, key: str) -> Path:
+    """File of a bundled set, e.g. 'personalization/train'; `key` is what named it, for the error."""
     path = BUNDLED_DIR / f"{name}.jsonl"
     if not path.is_file():
         available = sorted(str(p.relative_to(BUNDLED_DIR).with_suffix("")) for p in BUNDLED_DIR.glob("*/*.jsonl"))
-        raise UserError(f"no bundled set {name!r}; bundled sets: {', '.join(available)}", key="data")
+        raise UserError(f"no bundled set {name!r}; bundled sets: {', '.join(available)}", key=key)
     return path
 
 
-def resolve_data_path(spec: str) -> Path:
-    return bundled_path(spec[len(BUNDLED_PREFIX):]) if spec.startswith(BUNDLED_PREFIX) else Path(spec)
+def resolve_data_path(spec: str, key: str) -> Path:
+    return bundled_path(spec[len(BUNDLED_PREFIX):], key) if spec.startswith(BUNDLED_PREFIX) else Path(spec)
 
 
 def _content_id(*parts) -> str:
@@ -127,6 +133,20 @@ def _from_prism(row: dict) -> PromptRecord:
 
 READERS = {"messages": _from_messages, "prompt": _from_prompt, "gsm8k": _from_gsm8k, "arc": _from_arc, "prism": _from_prism}
 KNOWN_EXTRAS = {"id", "messages", "prompt", "context", "question", "answer", "answerKey", "conversation_history", "system_string"}
+# One line of each layout, for messages that say what a record should look like.
+EXAMPLES = {
+    "prompt": '{"prompt": "...", "context": "..."}',
+    "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]}',
+    "gsm8k": '{"question": "...", "answer": "... #### 42"}',
+    "arc": '{"question": {"stem": "...", "choices": [{"label": "A", "text": "..."}]}, "answerKey": "A"}',
+    "prism": '{"conversation_id": "...", "conversation_history": [{"role": "user", "content": "..."}], '
+             '"system_string": "..."}',
+}
+YAML_LINE = re.compile(r"""\s*(- +)?["']?[\w -]+["']?:(\s|$)|\s*- |---""")
+
+
+class DuplicateRecord(ValueError):
+    """A line whose record has the id of an earlier one."""
 
 
 def detect_layout(row: dict) -> str:
@@ -143,43 +163,93 @@ def detect_layout(row: dict) -> str:
     raise ValueError("expected 'messages', 'prompt', a GSM8K 'question'/'answer' or an ARC 'question' object")
 
 
-def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", key: str = "data.train",
-                 skip_with: str = "set data.on_bad_line: skip") -> list[PromptRecord]:
-    """Records of a JSONL prompt file or bundled set; see the module docstring.
+def record_example(layout: str) -> str:
+    """What one line of `layout` looks like ('auto': the prompt and messages layouts)."""
+    return EXAMPLES[layout] if layout in EXAMPLES else f"{EXAMPLES['prompt']} or {EXAMPLES['messages']}"
 
-    A bad line's error ends with "fix the line or {skip_with}": the way to skip it where the reader was called.
+
+def _file_kind(lines: list[bytes]) -> str | None:
+    """What a file whose first lines are these and not JSON seems to be, or None when it is JSON lines gone wrong."""
+    sample = [line.decode("utf-8", errors="replace").rstrip("\r\n") for line in lines]
+    first = sample[0].strip()
+    if first.startswith("["):
+        return "one JSON array"
+    if first == "{":
+        return "JSON objects spread over several lines"
+    if first.startswith(("{", '"')):
+        return None
+    for delimiter, name in ((",", "CSV"), ("\t", "tab-separated values"), (";", "CSV")):
+        widths = {len(row) for row in csv.reader(sample, delimiter=delimiter)}
+        if len(sample) > 1 and len(widths) == 1 and widths.pop() > 1:
+            return name
+    if sum(bool(YAML_LINE.match(line)) for line in sample) * 2 >= len(sample):
+        return "YAML"
+    return "plain text"
+
+
+def read_prompt_file(spec: str, layout: str = "auto", on_bad_line: str = "error", key: str = "data.train",
+                     skip_with: str = "set data.on_bad_line: skip") -> tuple[list[PromptRecord], list[str]]:
+    """Records of a JSONL prompt file or bundled set, and the lines skipped (`on_bad_line: skip`), unlogged.
+
+    Any mistake is a UserError naming file:line and what a record looks like; a bad line's
+    error ends with "fix the line or {skip_with}": the way to skip it where the reader was called.
     """
-    path = resolve_data_path(spec)
+    path = resolve_data_path(spec, key)
+    example = record_example(layout)
     try:
         lines, _ = read_lines(path, growing=False)
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error.__class__.__name__})", key=key) from None
-    records, skipped, seen = [], [], set()
+        raise unreadable(path, error, what="JSONL file", key=key,
+                         fix="give a JSONL file or a bundled set such as bundled:personalization/train") from None
+    records, skipped, seen = [], [], {}
     for line in lines:
         try:
-            row = line.json()
+            try:
+                text = line.data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise not_utf8(str(path), line.data, error, line=line.number, offset=line.offset, key=key) from None
+            try:
+                row = json.loads(text.removeprefix("\ufeff") if line.offset == 0 else text)
+            except json.JSONDecodeError as error:
+                kind = None if records or skipped else _file_kind([first.data for first in lines[:5]])
+                if kind:
+                    raise UserError(f"{path}:{line.number}: this looks like {kind}, not JSON lines: one JSON object "
+                                    f"per line such as {example}", key=key) from None
+                raise ValueError(f"not valid JSON at column {error.colno} ({error.msg})") from None
+            except RecursionError:
+                raise ValueError("nested too deeply to be a prompt") from None
             if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             reader = READERS[detect_layout(row) if layout == "auto" else layout]
             record = reader(row)
             if record.id in seen:
-                raise ValueError(f"duplicate id {record.id!r}")
-        except UnicodeDecodeError as error:
-            raise UserError(f"cannot read {path} ({error.__class__.__name__})", key=key) from None
-        except (ValueError, KeyError, TypeError) as error:
+                given = row.get("id") or row.get("conversation_id")
+                raise DuplicateRecord(
+                    f"repeats the id {record.id!r} of line {seen[record.id]}; give every record its own id" if given
+                    else f"repeats the prompt of line {seen[record.id]} (same question and context); remove one"
+                )
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             reason = f"missing field {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
             if on_bad_line == "skip":
                 skipped.append(f"line {line.number}: {reason}")
                 continue
-            raise UserError(
-                f"{path}:{line.number}: {reason}; fix the line or {skip_with}", key=key
-            ) from None
+            looks = "" if isinstance(error, DuplicateRecord) else f"; a record looks like {example}"
+            raise UserError(f"{path}:{line.number}: {reason}{looks}; fix the line or {skip_with}", key=key) from None
         record.extras.update({k: v for k, v in row.items() if k not in KNOWN_EXTRAS})
-        seen.add(record.id)
+        seen[record.id] = line.number
         records.append(record)
-    if skipped:
-        logger.warning(f"{path}: skipped {len(skipped)} malformed line(s) (first: {skipped[0]})")
+    if not records and skipped:
+        raise UserError(f"{path}: no prompts: all {len(skipped)} line(s) are malformed (first: {skipped[0]}); a record "
+                        f"looks like {example}", key=key)
     if not records:
-        raise UserError(f"{path} holds no prompts", key=key)
-    return records
+        raise UserError(f"{path}: the file is empty; write one JSON object per line such as {example}", key=key)
+    return records, skipped
 
+
+def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", key: str = "data.train",
+                 skip_with: str = "set data.on_bad_line: skip") -> list[PromptRecord]:
+    """Records of a JSONL prompt file or bundled set (see read_prompt_file), with skipped lines logged."""
+    records, skipped = read_prompt_file(spec, layout, on_bad_line, key, skip_with)
+    if skipped:
+        logger.warning(f"{resolve_data_path(spec, key)}: skipped {len(skipped)} malformed line(s) (first: {skipped[0]})")
+    return records

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from mipo_mlx.compare import answer_and_score, report_header
 from mipo_mlx.data import READERS, read_prompts
-from mipo_mlx.errors import UserError
-from mipo_mlx.judge import load_judge, load_named, rekeyed
+from mipo_mlx.errors import UserError, rekeyed
+from mipo_mlx.judge import load_judge, load_named
 from mipo_mlx.lora import load_adapter
+from mipo_mlx.preflight import check_model, check_output_folder
 from mipo_mlx.recipe import BUNDLED_PREFIX, DataConfig, EvalConfig, field_value
 from mipo_mlx.report import report_summary, write_outputs
 from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, METRICS_FILE, REPORT_FILE
@@ -110,6 +111,11 @@ def run(args) -> int:
                                skip_with="pass --on-bad-line skip")[: eval_config.max_prompts]
     except UserError as error:
         raise rekeyed(error, "--data") from None
+    check_model(args.model, key="MODEL")
+    if eval_config.judge_model and eval_config.judge_model != args.model:
+        check_model(eval_config.judge_model, key="--judge-model")
+    out = Path(args.out) if args.out else default_out(args.model, adapter)
+    check_output_folder(out, "--out")
     loaded = load_named(args.model, "MODEL", compute=args.compute)
     if adapter is not None:
         try:
@@ -120,7 +126,6 @@ def run(args) -> int:
     logger.info(f"answering {len(records)} prompts{' with the adapter off and on' if adapter else ''}")
     rows, metrics = answer_and_score(loaded.model, loaded.tokenizer, records, eval_config, args.seed,
                                      adapted=adapter is not None, judge=judge)
-    out = Path(args.out) if args.out else default_out(args.model, adapter)
     header = report_header(loaded.source, str(adapter) if adapter else "none", args.data, records, eval_config, args.seed)
     write_outputs(out, rows, metrics, header)
     print(report_summary(out))

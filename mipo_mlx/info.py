@@ -17,7 +17,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters
 
 from mipo_mlx.backend import describe_backend
+from mipo_mlx.errors import UserError, rekeyed
 from mipo_mlx.loading import load_model, resolve_compute
+from mipo_mlx.preflight import check_model
 from mipo_mlx.recipe import DEFAULT_LORA_KEYS, LoraConfig, SamplingConfig, TrainingConfig
 
 GB = 1024**3
@@ -138,6 +140,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    info = describe_model(args.model)
+    check_model(args.model, key="MODEL")
+    try:
+        info = describe_model(args.model)
+    except UserError as error:
+        raise (rekeyed(error, "MODEL") if error.key == "model.path" else error) from None
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0

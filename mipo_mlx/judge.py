@@ -33,7 +33,7 @@ import logging
 import re
 
 from mipo_mlx.chat import encode_prompt
-from mipo_mlx.errors import UserError
+from mipo_mlx.errors import UserError, rekeyed
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.lora import adapter_disabled
 from mipo_mlx.metrics import per_side, whole_set, win_rate
@@ -107,12 +107,6 @@ class ModelJudge:
             answers = generate_answers(self.loaded.model, tokenizer, prompts, JUDGE_SETTINGS,
                                        derived_seed(self.seed, "judge"), self.batch_size)
         return [a.text for a in answers]
-
-
-def rekeyed(error: UserError, key: str) -> UserError:
-    """The same mistake, reported under `key` (the recipe key or flag the user wrote) instead."""
-    where = ": ".join(part for part in (error.file, error.key) if part)
-    return UserError(str(error)[len(where) + 2 :] if where else str(error), key=key)
 
 
 def load_named(spec: str, key: str, **options):

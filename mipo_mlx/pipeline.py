@@ -102,10 +102,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from mipo_mlx.preflight import preflight
+
     recipe = load_recipe(args.recipe, args.overrides)
     stages = ["sample"] if args.command == "sample" else list(STAGES)
     # Sampling alone is idempotent: it always picks up where the pairs file stopped.
     resume = args.resume or args.command == "sample"
+    checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages)
+    logger.info(f"checked the recipe, {checked.train_prompts} + {checked.test_prompts or 0} prompts and the model's "
+                f"files in {checked.seconds:.1f} s")
     current = open_run(recipe, resume=resume, observers=[ConsoleObserver()])
     run_stages(current, stages)
     if "compare" in stages:

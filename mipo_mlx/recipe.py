@@ -1,19 +1,26 @@
 """Recipes: the typed YAML that drives every stage of a run.
 
 A recipe is checked against the dataclasses below before anything runs. Each mistake is
-one line naming the file, the key and what is expected:
+one line naming the file (or the `--set` flag), the key and what is expected:
 
     recipes/my.yaml: training.bta: unknown key; did you mean 'beta'?
+    recipes/my.yaml: training: given twice, on lines 2 and 14; YAML would keep only the last ...
+    --set lora.rank=100000: expected a value at most 4096, got 100000
 
     from mipo_mlx.recipe import load_recipe
     recipe = load_recipe("recipes/quickstart.yaml", overrides=["training.beta=0.2"])
 
-Relative paths in a recipe are taken from the directory `mipo-mlx` runs in.
+YAML is read strictly (RecipeLoader): a key given twice in one mapping, a value YAML's
+constructors cannot build (an integer of thousands of digits, a date like 2024-13-45) and
+a file nested thousands deep are errors, not a silently dropped section or a traceback.
+Every number is finite and every integer key has an upper bound a real run could use
+(its help says why). Relative paths in a recipe are taken from the directory `mipo-mlx` runs in.
 """
 
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +29,17 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from mipo_mlx.errors import UserError
+from mipo_mlx.errors import UserError, read_user_text
 
 BUNDLED_PREFIX = "bundled:"
 PATH_PREFIXES = (".", "/", "~")  # how a path to a model is written, as opposed to a name or a Hub id
+# Upper bounds of integer keys, each a size no real run reaches (see the keys' help).
+LONGEST_CONTEXT = 131_072  # tokens: Llama 3.1's context, the longest of the supported models
+MOST_ITEMS = 1_000_000  # prompts or steps: local runs use thousands; the bound catches a mistyped count
+LARGEST_BATCH = 4096  # sequences in one forward pass
+# Integers with more digits than this are refused before they are built: every bound above has fewer.
+MOST_INTEGER_DIGITS = 100
+RECIPE_FIX = "give a YAML file such as recipes/quickstart.yaml"
 DEFAULT_LORA_KEYS = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -85,7 +99,10 @@ class DataConfig:
     on_bad_line: Literal["error", "skip"] = _field(
         "error", "A malformed JSONL line stops the run ('error') or is skipped and counted ('skip')."
     )
-    max_prompts: Optional[int] = _field(None, "Use at most this many training prompts.", min=1)
+    max_prompts: Optional[int] = _field(
+        None, "Use at most this many training prompts (at most 1000000; local runs use thousands).",
+        min=1, max=MOST_ITEMS,
+    )
 
 
 @dataclass
@@ -95,11 +112,18 @@ class SamplingConfig:
         "Where the rejected answer comes from: another prompt of the set, the same prompt "
         "without the user's context, or the same prompt with another user's context.",
     )
-    negatives_per_prompt: int = _field(1, "Negatives (and so pairs) per prompt.", min=1)
+    negatives_per_prompt: int = _field(
+        1, "Negatives (and so pairs) per prompt (the paper uses 1; at most 64, each one samples the whole set again).",
+        min=1, max=64,
+    )
     temperature: float = _field(0.1, "Sampling temperature (0 is greedy).", min=0.0)
     top_p: float = _field(0.9, "Nucleus sampling mass.", greater_than=0.0, max=1.0)
-    max_tokens: int = _field(512, "Longest answer, in tokens.", min=1)
-    batch_size: int = _field(16, "Answers generated together.", min=1)
+    max_tokens: int = _field(
+        512, "Longest answer, in tokens (at most 131072, the longest context of the supported models).",
+        min=1, max=LONGEST_CONTEXT,
+    )
+    batch_size: int = _field(16, "Answers generated together (at most 4096 sequences in one forward pass).",
+                             min=1, max=LARGEST_BATCH)
     drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
     drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")
@@ -107,14 +131,18 @@ class SamplingConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = _field(8, "LoRA rank r.", min=1)
+    rank: int = _field(8, "LoRA rank r (at most 4096, the widest hidden size of a 0.1-8B model: a rank beyond a "
+                          "layer's width adds nothing).", min=1, max=4096)
     scale: float = _field(
         20.0,
         "mlx-lm's LoRA scale: it multiplies the update directly (PEFT's lora_alpha = scale x rank).",
         greater_than=0.0,
     )
     dropout: float = _field(0.0, "Dropout on the LoRA input.", min=0.0, less_than=1.0)
-    num_layers: int = _field(-1, "How many of the last layers get LoRA; -1 means all.", min=-1)
+    num_layers: int = _field(
+        -1, "How many of the last layers get LoRA; -1 means all (at most 1024: 0.1-8B models have 16 to 40 layers, "
+        "and a count above the model's means all of them).", min=-1, max=1024,
+    )
     keys: list[str] = _field(DEFAULT_LORA_KEYS, "Module paths inside each layer that get LoRA.")
 
     def __post_init__(self):
@@ -134,19 +162,31 @@ class TrainingConfig:
     nll_weight: float = _field(0.0, "Weight of an NLL term on the chosen answer (0 turns it off).", min=0.0)
     learning_rate: float = _field(2e-5, "Peak learning rate of AdamW.", greater_than=0.0)
     warmup_ratio: float = _field(0.03, "Share of steps spent warming up.", min=0.0, less_than=1.0)
-    epochs: int = _field(1, "Passes over the training pairs.", min=1)
-    max_steps: Optional[int] = _field(None, "Stop after this many optimizer steps.", min=1)
-    batch_size: int = _field(4, "Pairs per micro-batch.", min=1)
-    grad_accumulation: int = _field(1, "Micro-batches per optimizer step.", min=1)
+    epochs: int = _field(1, "Passes over the training pairs (at most 1000: DPO overfits its pairs in a few).",
+                         min=1, max=1000)
+    max_steps: Optional[int] = _field(
+        None, "Stop after this many optimizer steps (at most 1000000; local runs take thousands).",
+        min=1, max=MOST_ITEMS,
+    )
+    batch_size: int = _field(4, "Pairs per micro-batch (at most 4096 pairs in one forward pass).",
+                             min=1, max=LARGEST_BATCH)
+    grad_accumulation: int = _field(1, "Micro-batches per optimizer step (at most 4096, as batch_size).",
+                                    min=1, max=LARGEST_BATCH)
     max_grad_norm: float = _field(1.0, "Gradient clipping norm.", greater_than=0.0)
     adam_betas: list[float] = _field([0.9, 0.95], "AdamW betas.")
     weight_decay: float = _field(0.0, "AdamW weight decay.", min=0.0)
     grad_checkpoint: bool = _field(False, "Recompute activations in the backward pass to save memory.")
-    max_seq_length: int = _field(1024, "Longest prompt plus answer, in tokens.", min=8)
+    max_seq_length: int = _field(
+        1024, "Longest prompt plus answer, in tokens (at most 131072, the longest context of the supported models).",
+        min=8, max=LONGEST_CONTEXT,
+    )
     eval_fraction: float = _field(0.1, "Share of pairs held out for evaluation.", min=0.0, less_than=1.0)
-    report_every: int = _field(1, "Steps between metric reports.", min=1)
-    eval_every: int = _field(10, "Steps between held-out evaluations.", min=1)
-    save_every: int = _field(20, "Steps between checkpoints.", min=1)
+    report_every: int = _field(1, "Steps between metric reports (at most 1000000, as max_steps).",
+                               min=1, max=MOST_ITEMS)
+    eval_every: int = _field(10, "Steps between held-out evaluations (at most 1000000, as max_steps).",
+                             min=1, max=MOST_ITEMS)
+    save_every: int = _field(20, "Steps between checkpoints (at most 1000000, as max_steps).",
+                             min=1, max=MOST_ITEMS)
 
     def __post_init__(self):
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
@@ -158,11 +198,20 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    max_prompts: int = _field(40, "Held-out prompts to answer before and after training.", min=1)
+    max_prompts: int = _field(
+        40, "Held-out prompts to answer before and after training (at most 1000000, as data.max_prompts).",
+        min=1, max=MOST_ITEMS,
+    )
     temperature: float = _field(0.1, "Sampling temperature for before/after answers.", min=0.0)
     top_p: float = _field(0.9, "Nucleus sampling mass for before/after answers.", greater_than=0.0, max=1.0)
-    max_tokens: int = _field(256, "Longest before/after answer, in tokens.", min=1)
-    bootstrap_samples: int = _field(1000, "Bootstrap resamples for the 95% intervals.", min=100)
+    max_tokens: int = _field(
+        256, "Longest before/after answer, in tokens (at most 131072, the longest context of the supported models).",
+        min=1, max=LONGEST_CONTEXT,
+    )
+    bootstrap_samples: int = _field(
+        1000, "Bootstrap resamples for the 95% intervals (100 to 1000000: fewer give unsteady intervals, more only take longer).",
+        min=100, max=MOST_ITEMS,
+    )
     math_shots: int = _field(
         8,
         "Worked examples before each math question (records with a numeric gold answer): the paper's GSM8K "
@@ -205,7 +254,98 @@ class Recipe:
     )
     output_dir: str = _field("runs", "Folder that holds run directories.")
     run_name: Optional[str] = _field(None, "Run directory name inside output_dir; null uses the recipe file's name.")
-    seed: int = _field(0, "Seed for sampling, data order and LoRA initialization.", min=0)
+    seed: int = _field(0, "Seed for sampling, data order and LoRA initialization (a 32-bit seed: 0 to 4294967295).",
+                       min=0, max=2**32 - 1)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, strict where YAML is lenient or fails with a traceback.
+
+    A key given twice in one mapping (YAML keeps the last, silently dropping the first) and
+    an integer of more than MOST_INTEGER_DIGITS digits are errors naming the key; a value
+    a constructor cannot build (a date like 2024-13-45) is an error naming its line.
+    """
+
+    def construct_document(self, node):
+        _check_nodes(node, "", set())
+        return super().construct_document(node)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as error:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({' '.join(str(error).split())}); quote it to keep it as text",
+                node.start_mark,
+            ) from None
+
+
+def _check_nodes(node, path: str, visited: set) -> None:
+    """Keys given twice and integers too long for any key, anywhere below `node` (at `path`)."""
+    if id(node) in visited:  # an alias: already checked where it was defined
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` reuses keys by design
+                _check_nodes(value_node, path, visited)
+                continue
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            where = f"{path}.{name}" if path else name
+            line = key_node.start_mark.line + 1
+            if (key_node.tag, name) in lines:
+                dropped = ("the first one's keys: merge the two into one section" if isinstance(value_node, yaml.MappingNode)
+                           else "the first: remove one")
+                raise UserError(f"given twice, on lines {lines[key_node.tag, name]} and {line}; YAML would keep only "
+                                f"the last and drop {dropped}", key=where)
+            lines[key_node.tag, name] = line
+            _check_nodes(value_node, where, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_nodes(item, f"{path}[{index}]", visited)
+    elif node.tag == "tag:yaml.org,2002:int":
+        digits = sum(c.isdigit() for c in node.value)
+        if digits > MOST_INTEGER_DIGITS:
+            raise UserError(f"an integer of {digits} digits, beyond the range of every recipe key", key=path or None)
+
+
+def _load_yaml(text: str):
+    """`text` read by RecipeLoader; raises yaml.YAMLError, RecursionError or UserError."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml(text: str, file: str | None = None):
+    """`text` read by RecipeLoader; any YAML mistake is a one-line UserError naming the line."""
+    try:
+        return _load_yaml(text)
+    except yaml.constructor.ConstructorError as error:
+        raise UserError(f"line {error.problem_mark.line + 1}: {error.problem}", file=file) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = error.problem or error.context or "invalid YAML"
+        raise UserError(f"{line}YAML syntax error ({problem}); check indentation and quoting", file=file) from None
+    except yaml.reader.ReaderError as error:
+        line = text.count("\n", 0, error.position) + 1
+        raise UserError(f"line {line}: character U+{error.character:04X} is not allowed in YAML; remove it",
+                        file=file) from None
+    except RecursionError:
+        raise UserError("nested too deeply to be a recipe; a recipe is sections of keys such as 'training: {beta: 0.1}'",
+                        file=file) from None
+    except UserError as error:
+        raise UserError(error.message, file=file, key=error.key) from None
+
+
+def _shown(value) -> str:
+    """`value` as an error message quotes it: its repr, cut short (a YAML alias bomb stays a few words)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 50, 50
+    return short.repr(value)
 
 
 def _type_name(tp, plural: bool = False) -> str:
@@ -231,7 +371,7 @@ def _coerce(value, tp, where: str, file: str):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(value, inner[0], where, file)
-    expected = f"expected {_type_name(tp)}, got {value!r}"
+    expected = f"expected {_type_name(tp)}, got {_shown(value)}"
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -257,8 +397,14 @@ def _coerce(value, tp, where: str, file: str):
                 value = float(value)
             except ValueError:
                 raise UserError(expected, file=file, key=where) from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise UserError(f"expected a finite number, got {_shown(value)}", file=file, key=where)
     elif tp is str:
         if isinstance(value, str) and value.strip():
             return value
@@ -267,18 +413,27 @@ def _coerce(value, tp, where: str, file: str):
     raise UserError(expected, file=file, key=where)
 
 
+BOUNDS = [
+    ("min", lambda v, b: v >= b, "at least", "≥"),
+    ("greater_than", lambda v, b: v > b, "greater than", ">"),
+    ("max", lambda v, b: v <= b, "at most", "≤"),
+    ("less_than", lambda v, b: v < b, "less than", "<"),
+]
+
+
 def _check_range(value, meta: dict, where: str, file: str):
     if value is None:
         return
-    bounds = [
-        ("min", lambda v, b: v >= b, "at least"),
-        ("max", lambda v, b: v <= b, "at most"),
-        ("greater_than", lambda v, b: v > b, "greater than"),
-        ("less_than", lambda v, b: v < b, "less than"),
-    ]
-    for name, ok, words in bounds:
+    for name, ok, words, _ in BOUNDS:
         if name in meta and not ok(value, meta[name]):
-            raise UserError(f"expected a value {words} {meta[name]}, got {value!r}", file=file, key=where)
+            raise UserError(f"expected a value {words} {meta[name]}, got {_shown(value)}", file=file, key=where)
+
+
+def _range_text(meta: dict) -> str:
+    """The bounds of a key for the reference: "1 to 4096", "> 0.0", "≥ 0.0, < 1.0"."""
+    if "min" in meta and "max" in meta:
+        return f"{meta['min']} to {meta['max']}"
+    return ", ".join(f"{sign} {meta[name]}" for name, _, _, sign in BOUNDS if name in meta)
 
 
 def _checked(value, tp, meta: dict, where: str | None, file: str | None):
@@ -290,10 +445,14 @@ def _checked(value, tp, meta: dict, where: str | None, file: str | None):
 
 def _text_value(text: str):
     """A value typed on the command line, read as YAML; text that is not YAML stays text."""
+    if not text.strip():
+        return None
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise UserError("nested too deeply to be a recipe value") from None
 
 
 def field_value(cls, name: str, text: str):
@@ -303,70 +462,107 @@ def field_value(cls, name: str, text: str):
     mistake is a UserError without a key, for the caller to name its flag.
     """
     meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
-    return _checked(_text_value(text), typing.get_type_hints(cls)[name], meta, None, None)
+    try:
+        return _checked(_text_value(text), typing.get_type_hints(cls)[name], meta, None, None)
+    except UserError as error:
+        raise UserError(error.message) from None
 
 
-def _build(cls, raw, prefix: str, file: str):
-    """Build dataclass `cls` from the mapping `raw`, checking every key."""
+def _unknown_key(key, fields) -> str:
+    close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+    return "unknown key; " + (f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(fields))
+
+
+def _blamed(error: UserError, overrides: dict) -> UserError:
+    """`error` under the `--set` flag that gave the key, when a flag gave it."""
+    flag = overrides.get((error.key or "").split("[")[0])
+    return UserError(error.message, key=flag) if flag else error
+
+
+def _build(cls, raw, prefix: str, file: str, overrides: dict):
+    """Build dataclass `cls` from the mapping `raw`, checking every key.
+
+    `overrides` maps a dotted key to the `--set` flag that gave its value, which a mistake in it names.
+    """
     if not isinstance(raw, dict):
         what = "the recipe" if not prefix else prefix
-        raise UserError(f"expected a mapping of keys for {what}, got {raw!r}", file=file, key=prefix or None)
+        raise UserError(f"expected a mapping of keys for {what}, got {_shown(raw)}", file=file, key=prefix or None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(fields)
-            raise UserError(f"unknown key; {hint}", file=file, key=where)
+            raise UserError(_unknown_key(key, fields), file=file, key=where)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, where, file)
+            kwargs[key] = _build(tp, value if value is not None else {}, where, file, overrides)
         else:
-            kwargs[key] = _checked(value, tp, fields[key].metadata, where, file)
+            try:
+                kwargs[key] = _checked(value, tp, fields[key].metadata, where, file)
+            except UserError as error:
+                raise _blamed(error, overrides) from None
     try:
         return cls(**kwargs)
     except UserError as error:
-        raise UserError(str(error), file=file) from None
+        raise _blamed(UserError(error.message, file=file, key=error.key), overrides) from None
 
 
-def _apply_override(raw: dict, override: str) -> None:
-    """Apply one `--set section.key=value` to the raw mapping; the value is read as YAML."""
+def _apply_override(raw: dict, override: str, file: str) -> str:
+    """Apply one `--set section.key=value` to the raw mapping (the value read as YAML); returns the dotted key."""
     if "=" not in override:
-        raise UserError(f"expected KEY=VALUE such as training.beta=0.2, got {override!r}", key="--set")
+        raise UserError(f"expected KEY=VALUE such as training.beta=0.2, got {_shown(override)}", key="--set")
+    flag = f"--set {override}"
     dotted, _, text = override.partition("=")
-    value = _text_value(text)
-    node = raw
-    *parents, leaf = dotted.strip().split(".")
-    for part in parents:
+    parts = dotted.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise UserError("expected KEY=VALUE with a recipe key such as training.beta=0.2", key=flag)
+    cls, node = Recipe, raw
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise UserError(f"{where}: {_unknown_key(part, fields)}", key=flag)
+        tp = typing.get_type_hints(cls)[part]
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(tp) and last:
+            example = dataclasses.fields(tp)[0].name
+            raise UserError(f"{where} is a section; set one of its keys, such as {where}.{example}=...", key=flag)
+        if not dataclasses.is_dataclass(tp) and not last:
+            raise UserError(f"{where} is a key, not a section", key=flag)
+        if last:
+            try:
+                node[part] = _text_value(text)
+            except UserError as error:
+                raise UserError(error.message, key=flag) from None
+            return where
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(f"{part!r} is not a section", key=f"--set {dotted}")
-        node = child
-    node[leaf] = value
+            raise UserError(f"expected a mapping of keys for {where}, got {_shown(child)}", file=file, key=where)
+        cls, node = tp, child
 
 
-def _check_paths(recipe: Recipe, file: str) -> None:
+def _check_paths(recipe: Recipe, file: str, overrides: dict) -> None:
     """Local files named by the recipe must exist; bundled names are checked by the data reader."""
     for key, value in (("data.train", recipe.data.train), ("data.test", recipe.data.test)):
         if value and not value.startswith(BUNDLED_PREFIX) and not Path(value).is_file():
-            raise UserError(
-                f"file not found: {value}; give a JSONL file or a bundled set such as "
-                "'bundled:personalization/train'",
+            problem = f"{value} is a directory, not a JSONL file" if Path(value).is_dir() else f"file not found: {value}"
+            error = UserError(
+                f"{problem}; give a JSONL file or a bundled set such as 'bundled:personalization/train'",
                 file=file,
                 key=key,
             )
+            raise _blamed(error, overrides)
     model = recipe.model.path
     if missing_model_file(model):
-        raise UserError(
-            f"not found: {model}; give an existing model directory or .gguf file, a Hub id, "
-            "or 'smollm2-135m'",
+        error = UserError(
+            f"not found: {model}; give an existing model directory or .gguf file, a Hub id, or 'smollm2-135m'",
             file=file,
             key="model.path",
         )
+        raise _blamed(error, overrides)
 
 
 def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = (), check_paths: bool = True) -> Recipe:
@@ -375,35 +571,24 @@ def parse_recipe(text: str, file: str = "<recipe>", overrides: list[str] = (), c
     check_paths=False leaves out the check that local files exist: for a run's saved recipe
     read from a folder other than the one the run started in (the TUI).
     """
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise UserError(f"{line}YAML syntax error ({problem}); check indentation and quoting", file=file) from None
+    raw = read_yaml(text, file)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping of sections such as 'model:' and 'training:', got {type(raw).__name__}", file=file)
+    flags = {}
     for override in overrides:
-        _apply_override(raw, override)
-    recipe = _build(Recipe, raw, "", file)
+        flags[_apply_override(raw, override, file)] = f"--set {override}"
+    recipe = _build(Recipe, raw, "", file, flags)
     if check_paths:
-        _check_paths(recipe, file)
+        _check_paths(recipe, file, flags)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read and check a recipe file; any mistake is a one-line UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError("recipe not found; give a YAML file such as recipes/quickstart.yaml", file=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read the recipe ({error.__class__.__name__})", file=str(path)) from None
-    recipe = parse_recipe(text, str(path), overrides)
+    recipe = parse_recipe(read_user_text(path, what="recipe", fix=RECIPE_FIX), str(path), overrides)
     if recipe.run_name is None:
         recipe.run_name = path.stem
     return recipe
@@ -430,8 +615,10 @@ def recipe_reference() -> str:
                 walk(tp, f"{f.name}.")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {f.metadata['help']} |")
+            shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            bounds = _range_text(f.metadata)
+            kind = f"{_type_name(tp)}, {bounds}" if bounds else _type_name(tp)
+            lines.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` | {f.metadata['help']} |")
 
     walk(Recipe, "")
     return "\n".join(lines)

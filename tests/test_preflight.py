@@ -1,0 +1,132 @@
+"""Preflight: what passes it, what it reads, and that a failed start leaves nothing behind.
+
+The mistakes themselves, one line each, are the corpus of tests/test_broken_inputs.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mipo_mlx.errors import UserError
+from mipo_mlx.preflight import check_lora_keys, check_model, check_output_folder, check_safetensors, preflight
+from mipo_mlx.recipe import LoraConfig, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    {"id": f"p{i}", "prompt": question, "context": context}
+    for i, (question, context) in enumerate([
+        ("What should I cook tonight?", "I am vegetarian."),
+        ("How do I relax after work?", "I work night shifts."),
+        ("Which book should I read?", "I like short science fiction."),
+        ("What should I pack for a trip?", "Use bullet points."),
+    ])
+]
+TINY_RUN = ["sampling.max_tokens=4", "sampling.batch_size=4", "training.max_steps=1", "training.batch_size=2",
+            "training.eval_fraction=0.0", "eval.max_prompts=2", "eval.max_tokens=4", "eval.bootstrap_samples=100"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def recipe_text(model, train, test, output_dir, **sections) -> str:
+    text = f"model: {{path: {model}}}\ndata: {{train: {train}, test: {test}}}\noutput_dir: {output_dir}\nrun_name: run\n"
+    return text + "".join(f"{key}: {value}\n" for key, value in sections.items())
+
+
+def test_quickstart_preflight_reads_every_prompt_and_writes_nothing(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path / 'runs'}"])
+    checked = preflight(recipe, resume=False)
+    assert (checked.train_prompts, checked.test_prompts) == (144, 48)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_directory_passes_and_its_config_and_lora_keys_are_read(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", PROMPTS)
+    recipe = parse_recipe(recipe_text(tiny_model_dir, train, train, tmp_path / "runs"), "r.yaml")
+    checked = preflight(recipe, resume=None)
+    assert checked.model_config["model_type"] == json.loads((tiny_model_dir / "config.json").read_text())["model_type"]
+    assert checked.model_config["num_hidden_layers"] == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_lora_keys_are_checked_in_the_layers_that_get_lora(tiny_model_dirs):
+    config = json.loads((tiny_model_dirs[("qwen2", True)] / "config.json").read_text())  # quantized: same modules
+    check_lora_keys(config, LoraConfig(keys=["self_attn.q_proj", "mlp.down_proj"], num_layers=1))
+    with pytest.raises(UserError, match=r"lora.keys\[0\]: 'mlp.up' is no module of a qwen2 layer; did you mean "
+                                        r"'mlp.up_proj'\?"):
+        check_lora_keys(config, LoraConfig(keys=["mlp.up"]))
+    with pytest.raises(UserError, match=r"'self_attn' is not a linear module \(it is Attention\)"):
+        check_lora_keys(config, LoraConfig(keys=["self_attn"]))
+
+
+def test_every_tensor_of_a_safetensors_file_is_checked_against_its_size(tmp_path, tiny_model_dirs):
+    source = tiny_model_dirs[("llama", True)] / "model.safetensors"
+    data = source.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    check_safetensors(source, "model.path")
+
+    def rewritten(change) -> Path:
+        changed = json.loads(json.dumps(header))
+        change(changed)
+        raw = json.dumps(changed).encode()
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + length :])
+        return path
+
+    name = next(n for n in header if n != "__metadata__")
+    for change, problem in [
+        (lambda h: h[name].update(dtype="F12"), "unknown dtype 'F12'"),
+        (lambda h: h[name].update(shape=[-1, 4]), "malformed shape"),
+        (lambda h: h[name].update(shape=h[name]["shape"] + [2]), "bytes, but"),
+        (lambda h: h[name].update(data_offsets=[10, 5]), "malformed data_offsets"),
+    ]:
+        with pytest.raises(UserError, match=problem):
+            check_safetensors(rewritten(change), "model.path")
+
+
+def test_output_folder_check_leaves_no_trace(tmp_path):
+    check_output_folder(tmp_path / "a" / "b", "output_dir")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="output_dir: .*file is a file, so .*file/runs cannot be made; give a folder"):
+        check_output_folder(tmp_path / "file" / "runs", "output_dir")
+
+
+def test_model_sources_name_the_key_or_flag_that_gave_them(tmp_path):
+    with pytest.raises(UserError, match=r"^MODEL: not found: ./nope; give 'smollm2-135m'"):
+        check_model("./nope", key="MODEL")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"^--judge-model: .*notes.txt is a file, not an mlx-lm model directory"):
+        check_model(str(tmp_path / "notes.txt"), key="--judge-model")
+    assert check_model("smollm2-135m", key="model.path") is None  # the embedded GGUF: no config read yet
+
+
+def test_a_failed_start_leaves_nothing_and_the_same_command_then_runs(tmp_path, tiny_model_dirs):
+    model = tiny_model_dirs[("llama", False)]
+    train = write_jsonl(tmp_path / "train.jsonl", PROMPTS)
+    test = write_jsonl(tmp_path / "test.jsonl", [PROMPTS[0], '{"prompt": "Tea?", "context": }'])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(model, train, test, tmp_path / "runs", sampling="{negative: drop_context}"))
+    command = [sys.executable, "-m", "mipo_mlx.cli", "train", str(recipe)]
+    for override in TINY_RUN:
+        command += ["--set", override]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()]
+    assert f"data.test: {test}:2: not valid JSON" in failed.stderr
+    assert not (tmp_path / "runs").exists()
+
+    write_jsonl(test, PROMPTS[:2])
+    fixed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert (tmp_path / "runs" / "run" / "adapters" / "adapters.safetensors").is_file()
+    assert (tmp_path / "runs" / "run" / "compare" / "metrics.json").is_file()
