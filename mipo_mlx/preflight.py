@@ -20,8 +20,9 @@ Each mistake is one UserError naming the file, key or flag and the fix. It check
   class built from config.json (MLX arrays are lazy: no weight is read or computed). A
   .gguf file is checked for being a file.
 
-It reads the data and the headers, not the weights: the quickstart's preflight takes
-about a second plus the import of mlx-lm (bench/ has no figure for it; see the README).
+It reads the data and the headers, not the weights: the quickstart's checks take 0.05 s;
+the mlx-lm import it triggers, which the first stage needs anyway, takes the rest
+(`python bench/preflight.py`).
 """
 
 import difflib
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from mipo_mlx.data import read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
+from mipo_mlx.recipe import read_yaml
 
 # Bytes per element of each safetensors dtype (the format's own table).
 SAFETENSORS_DTYPES = {
@@ -45,6 +47,7 @@ SAFETENSORS_DTYPES = {
 }
 LARGEST_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors format refuses longer headers
 REDOWNLOAD = "download or convert the model again"
+DAMAGED_RUN = "the run directory is damaged: start a new run with --set run_name=NEW"
 ALL_STAGES = ("sample", "train", "compare")
 
 
@@ -113,7 +116,12 @@ def check_run_folder(recipe, resume: bool | None) -> Path:
     run_dir = Path(recipe.output_dir) / recipe.run_name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run directory; move it or choose another run_name", key="run_name")
-    started = (run_dir / RECIPE_FILE).is_file()
+    started = (run_dir / RECIPE_FILE).exists()
+    if started and resume is not False:
+        # The saved recipe is what the resume compares against: it must still read as one.
+        saved = read_yaml(read_user_text(run_dir / RECIPE_FILE, what="recipe", fix=DAMAGED_RUN), str(run_dir / RECIPE_FILE))
+        if not isinstance(saved, dict):
+            raise UserError(f"not the recipe mipo-mlx wrote; {DAMAGED_RUN}", file=str(run_dir / RECIPE_FILE))
     if resume is True and not started:
         raise UserError(f"there is no run to resume in {run_dir} (no {RECIPE_FILE}); drop --resume to start it, or "
                         "give the run_name of the run to continue", key="--resume")
@@ -129,12 +137,15 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> dict | N
     The sources are load_model's (mipo_mlx/loading.py): the embedded name, a .gguf file,
     an mlx-lm model directory, a Hub id. A mistake names `key`, the key or flag that gave `spec`.
     """
-    from mipo_mlx.loading import EMBEDDED_MODELS, _hub_snapshot, embedded_model_path
-
+    path = Path(spec).expanduser()
     try:
-        if spec in EMBEDDED_MODELS:
-            return check_gguf(embedded_model_path(spec), key)
-        path = Path(spec).expanduser()
+        # Only a bare name can be an embedded model's, which load_model tries first; asking
+        # imports mlx-lm (seconds), which a path to a directory or a .gguf file does without.
+        if "/" not in spec and os.sep not in spec and not spec.endswith(".gguf"):
+            from mipo_mlx.loading import EMBEDDED_MODELS, embedded_model_path
+
+            if spec in EMBEDDED_MODELS:
+                return check_gguf(embedded_model_path(spec), key)
         if spec.endswith(".gguf"):
             return check_gguf(path, key)
         if path.is_dir():
@@ -142,6 +153,8 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> dict | N
         if path.exists():
             raise UserError(f"{spec} is a file, not an mlx-lm model directory or a .gguf file", key=key)
         if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            from mipo_mlx.loading import _hub_snapshot
+
             return check_model_directory(_hub_snapshot(spec, revision), key)
     except UserError as error:
         raise (rekeyed(error, key) if error.key == "model.path" else error) from None

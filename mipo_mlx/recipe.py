@@ -148,6 +148,9 @@ class LoraConfig:
     def __post_init__(self):
         if self.num_layers == 0:
             raise UserError("must be -1 (all layers) or a positive count, not 0", key="lora.num_layers")
+        if not self.keys:
+            raise UserError("expected at least one module path, such as [self_attn.q_proj, self_attn.v_proj]",
+                            key="lora.keys")
 
 
 @dataclass
@@ -256,6 +259,12 @@ class Recipe:
     run_name: Optional[str] = _field(None, "Run directory name inside output_dir; null uses the recipe file's name.")
     seed: int = _field(0, "Seed for sampling, data order and LoRA initialization (a 32-bit seed: 0 to 4294967295).",
                        min=0, max=2**32 - 1)
+
+    def __post_init__(self):
+        name = self.run_name
+        if name is not None and (Path(name).name != name or name in (".", "..")):
+            raise UserError(f"expected the name of one folder inside output_dir, such as quickstart, got {name!r}",
+                            key="run_name")
 
 
 class RecipeLoader(yaml.SafeLoader):
