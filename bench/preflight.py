@@ -25,13 +25,14 @@ def main() -> None:
 
     import mipo_mlx.loading  # noqa: F401
     import mipo_mlx.sampling  # noqa: F401
+    from mipo_mlx.pipeline import STAGES
     from mipo_mlx.preflight import preflight
     from mipo_mlx.recipe import load_recipe
 
     imported = time.perf_counter()
     with tempfile.TemporaryDirectory() as runs:
         recipe = load_recipe(args.recipe, [f"output_dir={runs}"])
-        checked = preflight(recipe, resume=False)
+        checked = preflight(recipe, resume=False, stages=list(STAGES))
     checked_at = time.perf_counter()
 
     from mipo_mlx.loading import load_model

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from mipo_mlx.data import read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
-from mipo_mlx.recipe import read_yaml
+from mipo_mlx.recipe import MOST_LAYERS, read_yaml
 
 # Bytes per element of each safetensors dtype (the format's own table).
 SAFETENSORS_DTYPES = {
@@ -48,7 +48,6 @@ SAFETENSORS_DTYPES = {
 LARGEST_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors format refuses longer headers
 REDOWNLOAD = "download or convert the model again"
 DAMAGED_RUN = "the run directory is damaged: start a new run with --set run_name=NEW"
-ALL_STAGES = ("sample", "train", "compare")
 
 
 @dataclass
@@ -61,8 +60,8 @@ class Checked:
     seconds: float
 
 
-def preflight(recipe, *, resume: bool | None, stages=ALL_STAGES) -> Checked:
-    """Check everything `stages` of `recipe` will read before any of it is written or loaded.
+def preflight(recipe, *, resume: bool | None, stages: list[str]) -> Checked:
+    """Check everything `stages` (of pipeline.STAGES) of `recipe` will read before any of it is written or loaded.
 
     `resume`: True, the run must exist (--resume); False, it must not; None, either (`sample`
     continues a run or starts one).
@@ -108,7 +107,7 @@ def check_output_folder(path: str | Path, key: str) -> None:
                         key=key) from None
 
 
-def check_run_folder(recipe, resume: bool | None) -> Path:
+def check_run_folder(recipe, resume: bool | None) -> None:
     """The run directory OUTPUT_DIR/RUN_NAME, checked against `resume` (see preflight)."""
     from mipo_mlx.pipeline import RECIPE_FILE  # pipeline calls preflight: imported here, not at the top
 
@@ -128,7 +127,6 @@ def check_run_folder(recipe, resume: bool | None) -> Path:
     if resume is False and started:
         raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or --set run_name=NEW for a "
                         "new one", key="run_name")
-    return run_dir
 
 
 def check_model(spec: str, *, key: str, revision: str | None = None) -> dict | None:
@@ -269,12 +267,16 @@ def check_lora_keys(config: dict, lora) -> None:
 
     The model is built from its config alone: MLX arrays are lazy, so no weight is read or computed.
     """
+    kind = config["model_type"]
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and not 0 < layers <= MOST_LAYERS:  # building that many would not end
+        raise UserError(f"its config.json gives num_hidden_layers {layers}, not a model's (1 to {MOST_LAYERS}); "
+                        f"{REDOWNLOAD}", key="model.path")
     import mlx.nn as nn
     from mlx_lm.utils import _get_classes
 
     from mipo_mlx.lora import num_lora_layers
 
-    kind = config["model_type"]
     try:
         model_class, args_class = _get_classes(config)
     except ValueError:

@@ -37,6 +37,7 @@ PATH_PREFIXES = (".", "/", "~")  # how a path to a model is written, as opposed 
 LONGEST_CONTEXT = 131_072  # tokens: Llama 3.1's context, the longest of the supported models
 MOST_ITEMS = 1_000_000  # prompts or steps: local runs use thousands; the bound catches a mistyped count
 LARGEST_BATCH = 4096  # sequences in one forward pass
+MOST_LAYERS = 1024  # transformer layers: 0.1-8B models have 16 to 40
 # Integers with more digits than this are refused before they are built: every bound above has fewer.
 MOST_INTEGER_DIGITS = 100
 RECIPE_FIX = "give a YAML file such as recipes/quickstart.yaml"
@@ -141,7 +142,7 @@ class LoraConfig:
     dropout: float = _field(0.0, "Dropout on the LoRA input.", min=0.0, less_than=1.0)
     num_layers: int = _field(
         -1, "How many of the last layers get LoRA; -1 means all (at most 1024: 0.1-8B models have 16 to 40 layers, "
-        "and a count above the model's means all of them).", min=-1, max=1024,
+        "and a count above the model's means all of them).", min=-1, max=MOST_LAYERS,
     )
     keys: list[str] = _field(DEFAULT_LORA_KEYS, "Module paths inside each layer that get LoRA.")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mipo_mlx.errors import UserError
+from mipo_mlx.pipeline import STAGES
 from mipo_mlx.preflight import check_lora_keys, check_model, check_output_folder, check_safetensors, preflight
 from mipo_mlx.recipe import LoraConfig, load_recipe, parse_recipe
 
@@ -41,7 +42,7 @@ def recipe_text(model, train, test, output_dir, **sections) -> str:
 
 def test_quickstart_preflight_reads_every_prompt_and_writes_nothing(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path / 'runs'}"])
-    checked = preflight(recipe, resume=False)
+    checked = preflight(recipe, resume=False, stages=list(STAGES))
     assert (checked.train_prompts, checked.test_prompts) == (144, 48)
     assert list(tmp_path.iterdir()) == []
 
@@ -49,7 +50,7 @@ def test_quickstart_preflight_reads_every_prompt_and_writes_nothing(tmp_path):
 def test_a_model_directory_passes_and_its_config_and_lora_keys_are_read(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", PROMPTS)
     recipe = parse_recipe(recipe_text(tiny_model_dir, train, train, tmp_path / "runs"), "r.yaml")
-    checked = preflight(recipe, resume=None)
+    checked = preflight(recipe, resume=None, stages=list(STAGES))
     assert checked.model_config["model_type"] == json.loads((tiny_model_dir / "config.json").read_text())["model_type"]
     assert checked.model_config["num_hidden_layers"] == 2
     assert not (tmp_path / "runs").exists()
