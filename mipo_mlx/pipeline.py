@@ -18,6 +18,7 @@ import time
 
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.events import EventLog
+from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
 from mipo_mlx.rundir import COMPARE_DIR, Run, open_run
 
@@ -102,8 +103,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from mipo_mlx.preflight import preflight
-
     recipe = load_recipe(args.recipe, args.overrides)
     stages = ["sample"] if args.command == "sample" else list(STAGES)
     # Sampling alone is idempotent: it always picks up where the pairs file stopped.

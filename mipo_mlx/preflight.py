@@ -36,7 +36,8 @@ from pathlib import Path
 
 from mipo_mlx.data import read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
-from mipo_mlx.recipe import MOST_LAYERS, read_yaml
+from mipo_mlx.recipe import MOST_LAYERS, is_hub_id, read_yaml
+from mipo_mlx.rundir import RECIPE_FILE, run_dir_of
 
 # Bytes per element of each safetensors dtype (the format's own table).
 SAFETENSORS_DTYPES = {
@@ -109,10 +110,8 @@ def check_output_folder(path: str | Path, key: str) -> None:
 
 def check_run_folder(recipe, resume: bool | None) -> None:
     """The run directory OUTPUT_DIR/RUN_NAME, checked against `resume` (see preflight)."""
-    from mipo_mlx.pipeline import RECIPE_FILE  # pipeline calls preflight: imported here, not at the top
-
     check_output_folder(recipe.output_dir, "output_dir")
-    run_dir = Path(recipe.output_dir) / recipe.run_name
+    run_dir = run_dir_of(recipe)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run directory; move it or choose another run_name", key="run_name")
     started = (run_dir / RECIPE_FILE).exists()
@@ -150,7 +149,7 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> dict | N
             return check_model_directory(path, key)
         if path.exists():
             raise UserError(f"{spec} is a file, not an mlx-lm model directory or a .gguf file", key=key)
-        if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        if is_hub_id(spec):
             from mipo_mlx.loading import _hub_snapshot
 
             return check_model_directory(_hub_snapshot(spec, revision), key)

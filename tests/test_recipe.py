@@ -16,8 +16,8 @@ import yaml
 
 from mipo_mlx.cli import COMMANDS, build_parser
 from mipo_mlx.errors import UserError
-from mipo_mlx.rundir import open_run
 from mipo_mlx.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, recipe_reference
+from mipo_mlx.rundir import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
