@@ -163,8 +163,19 @@ class TrainingConfig:
     label_smoothing: float = _field(
         0.0, "Label smoothing for the robust and sigmoid losses.", min=0.0, less_than=0.5
     )
-    nll_weight: float = _field(0.0, "Weight of an NLL term on the chosen answer (0 turns it off).", min=0.0)
+    nll_weight: float = _field(
+        0.0, "Weight of an NLL term on the chosen answers (TRL's 'sft' loss: the mean over the batch's chosen "
+        "tokens); 0 turns it off.", min=0.0)
+    ld_alpha: Optional[float] = _field(
+        None, "Length desensitization (TRL's ld_alpha, LD-DPO): answer tokens past the shorter answer of a pair "
+        "count with this weight in both log-probs; null turns it off.", min=0.0, max=1.0)
+    dpop_lambda: float = _field(
+        0.0, "DPO-Positive (Smaug): the margin loses this much per nat the chosen answer's log-prob falls below "
+        "the reference's; 0 turns it off.", min=0.0)
     learning_rate: float = _field(2e-5, "Peak learning rate of AdamW.", greater_than=0.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = _field(
+        "cosine", "Learning rate after the warm-up: cosine or linear decay to 0, or constant (names as in "
+        "transformers).")
     warmup_ratio: float = _field(0.03, "Share of steps spent warming up.", min=0.0, less_than=1.0)
     epochs: int = _field(1, "Passes over the training pairs (at most 1000: DPO overfits its pairs in a few).",
                          min=1, max=1000)
@@ -191,8 +202,23 @@ class TrainingConfig:
                              min=1, max=MOST_ITEMS)
     save_every: int = _field(20, "Steps between checkpoints (at most 1000000, as max_steps).",
                              min=1, max=MOST_ITEMS)
+    select_checkpoint: Literal["last", "eval_loss", "eval_reward_accuracy"] = _field(
+        "last", "Which step's adapter is the final one: the last, or the held-out evaluation with the lowest DPO "
+        "loss or the highest reward accuracy (needs training.eval_fraction > 0).")
+    early_stopping_patience: Optional[int] = _field(
+        None, "Stop when select_checkpoint's held-out metric has not improved for this many evaluations; null "
+        "trains every step.", min=1, max=1000)
+    probe_prompts: int = _field(
+        8, "Held-out prompts answered greedily at each held-out evaluation, to report repetition loops and answer "
+        "length while training (0 turns it off).", min=0, max=256)
 
     def __post_init__(self):
+        if self.select_checkpoint != "last" and not self.eval_fraction:
+            raise UserError(f"{self.select_checkpoint} needs held-out pairs; set training.eval_fraction above 0 "
+                            "or training.select_checkpoint: last", key="training.select_checkpoint")
+        if self.early_stopping_patience and self.select_checkpoint == "last":
+            raise UserError("early stopping watches the metric of training.select_checkpoint; set it to eval_loss "
+                            "or eval_reward_accuracy", key="training.early_stopping_patience")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise UserError(
                 f"expected two numbers in [0, 1), such as [0.9, 0.95], got {self.adam_betas}",

@@ -118,8 +118,11 @@ def token_logprobs(model, tokens: mx.array, first: int = 0) -> mx.array:
 
 
 def answer_logprobs(model, tokens: mx.array, mask: mx.array) -> mx.array:
-    """Sum of answer-token log-probs per sequence: (B,). mask (B, W) covers the last W targets."""
-    return (token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[1]) * mask).sum(axis=-1)
+    """Sum of answer-token log-probs per sequence: (B,). mask (B, W) covers the last W targets.
+
+    The mask may be weights, or a stack of them (K, B, W): then the K weighted sums, (K, B).
+    """
+    return (token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[-1]) * mask).sum(axis=-1)
 
 
 def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tuple[list[float], list[tuple[int, int]]]:
@@ -178,6 +181,8 @@ class SharedPromptCache:
 
 def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, answers: mx.array, mask: mx.array) -> mx.array:
     """Summed answer log-probs of B pairs, chosen rows then rejected rows: (2B,). Arrays from pad_pairs.
+
+    The mask may be weights, or a stack of them (K, 2B, A): then the K weighted sums, (K, 2B).
 
     Each prompt goes through the model once for both its answers (the 2B answers in one
     pass), where whole sequences would take it twice: with prompts half of a sequence, a

@@ -14,9 +14,26 @@ them (e.g. a TRL data set) are scored once before training with the adapter off.
 step runs each pair's prompt through the model once and its chosen and rejected answers
 after it in one concatenated forward (2B rows; whole sequences instead where
 scoring.shares_prompts rules it out or with gradient checkpointing), scores answer tokens
-only, and updates the adapter with AdamW, warm-up plus cosine, and gradient clipping,
-accumulating gradients over micro-batches when asked. The vocabulary head and swiglu
-get backward passes that keep less (scoring.head_logprobs, lean_swiglu).
+only, and updates the adapter with AdamW (bias-corrected, as torch's and TRL's), warm-up
+then cosine, linear or constant, and gradient clipping, accumulating gradients over
+micro-batches when asked. The vocabulary head and swiglu get backward passes that keep
+less (scoring.head_logprobs, lean_swiglu).
+
+Besides the DPO loss (dpo.py; DPO-Positive with training.dpop_lambda): an NLL term on the
+chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensitization
+(training.ld_alpha: answer tokens past the shorter answer of a pair count with weight
+alpha, in the policy's and in the reference's log-probs, which are then scored once here
+with the adapter off).
+
+Held-out evidence (fit): every training.eval_every steps the held-out pairs' DPO metrics,
+and training.probe_prompts held-out prompts answered greedily, with the share of answers
+in a repetition loop and their length, against the same answers before training (a run
+that starts to loop says so: a warning note). training.select_checkpoint picks the final
+adapter: the last step, or the evaluation with the best held-out DPO loss or reward
+accuracy among those whose probe answers loop no more than before training (if none, the
+fewest loops); training.early_stopping_patience stops when that has not improved for so
+many evaluations. adapters/ is the selected step's adapter, and its adapter_config.json
+and the stage summary say which step and why.
 
 Self-checks stop a run that would learn nothing: the first loss must equal the loss at
 policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
@@ -30,10 +47,12 @@ Ctrl+C stops at once, keeping the last checkpoint.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -51,11 +70,13 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
+from mipo_mlx.generation import SamplerSettings, generate_answers
+from mipo_mlx.metrics import repetition_loop
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder
 from mipo_mlx.lora import adapter_config, adapter_disabled, apply_lora, lora_layers, save_adapter, write_adapter
 from mipo_mlx.rundir import (
-    ADAPTER_WEIGHTS, ADAPTERS_DIR, OPTIMIZER_FILE, PAIRS_FILE, STATE_FILE, Pair, checkpoint_dir, is_held_out,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, OPTIMIZER_FILE, PAIRS_FILE, STATE_FILE, Pair, checkpoint_dir, is_held_out,
     latest_checkpoint, read_pairs,
 )
 from mipo_mlx.scoring import (
@@ -166,13 +187,26 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
 
 
 def schedule(training, total_steps: int):
-    warmup = int(training.warmup_ratio * total_steps)
-    cosine = optim.cosine_decay(training.learning_rate, max(total_steps - warmup, 1))
+    """Linear warm-up, then training.lr_scheduler_type to the last step."""
+    warmup, peak = int(training.warmup_ratio * total_steps), training.learning_rate
+    steps = max(total_steps - warmup, 1)
+    after = {
+        "cosine": optim.cosine_decay(peak, steps),
+        "linear": optim.linear_schedule(peak, 0.0, steps),
+        "constant": lambda step: mx.array(peak, dtype=mx.float32),
+    }[training.lr_scheduler_type]
     if warmup == 0:
-        return cosine
+        return after
     # Warm-up starts above zero so that the first update is a real one (and checkable).
-    start = training.learning_rate / (warmup + 1)
-    return optim.join_schedules([optim.linear_schedule(start, training.learning_rate, warmup), cosine], [warmup])
+    return optim.join_schedules([optim.linear_schedule(peak / (warmup + 1), peak, warmup), after], [warmup])
+
+
+def length_desensitized(mask: mx.array, pairs: int, alpha: float) -> mx.array:
+    """TRL's ld_alpha weights (2B, W): 1 on a pair's first min(chosen, rejected) answer tokens, alpha after them."""
+    counts = mask.sum(axis=-1)  # (2B,) chosen rows, then rejected rows
+    shared = mx.minimum(counts[:pairs], counts[pairs:])
+    position = mx.cumsum(mask, axis=-1)  # 1 at each answer's first token
+    return mask * mx.where(position <= mx.concatenate([shared, shared])[:, None], 1.0, alpha)
 
 
 def sha256_of(path: Path) -> str:
@@ -244,10 +278,36 @@ class Trainer:
             self.total_steps = min(self.total_steps, training.max_steps)
         self.optimizer = optim.AdamW(
             learning_rate=schedule(training, self.total_steps),
-            betas=list(training.adam_betas), weight_decay=training.weight_decay,
+            betas=list(training.adam_betas), weight_decay=training.weight_decay, bias_correction=True,
         )
         self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
+        self.best = None  # the selected evaluation so far: {"step", "value", "excess_loops"} (fit)
+        self.stopped_early = False
+        if training.ld_alpha is not None:
+            self.train_examples, self.held_out = self.length_desensitized_references(train, held_out)
         self._compile()
+
+    def weights(self, mask: mx.array, pairs: int) -> mx.array:
+        """(K, 2B, W): the answer mask, then the length-desensitized weights when training.ld_alpha is set."""
+        if self.training.ld_alpha is None:
+            return mask[None]
+        return mx.stack([mask, length_desensitized(mask, pairs, self.training.ld_alpha)])
+
+    def length_desensitized_references(self, *splits: list[Example]) -> list[list[Example]]:
+        """The splits with reference log-probs weighted as the policy's will be (the adapter off, scored once)."""
+        weighted = []
+        with adapter_disabled(self.model):
+            self.model.eval()
+            for examples in splits:
+                refs = []
+                for start in range(0, len(examples), self.training.batch_size):
+                    indices = list(range(start, min(start + self.training.batch_size, len(examples))))
+                    batch, _, _ = collate(examples, indices, self.pad_id, self.shared_prompts)
+                    logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(indices))[-1]),
+                                           self.shared_prompts)
+                    refs += list(zip(*[v.tolist() for v in (logps[: len(indices)], logps[len(indices):])]))
+                weighted.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
+        return weighted
 
     def _compile(self):
         # Dropout draws from the random state inside the gradient step; the update does not.
@@ -258,17 +318,19 @@ class Trainer:
 
     def _loss(self, model, batch, refs):
         t = self.training
-        logps = batch_logprobs(model, batch, self.shared_prompts)  # (2B,)
-        counts = batch[-1].sum(axis=-1)  # (2B,) answer tokens per row, from the mask
-        half = refs.shape[0]
-        pc, pr = logps[:half], logps[half:]
+        mask, half = batch[-1], refs.shape[0]
+        counts = mask.sum(axis=-1)  # (2B,) answer tokens per row
+        logps = batch_logprobs(model, (*batch[:-1], self.weights(mask, half)), self.shared_prompts)  # (K, 2B)
+        pc, pr = logps[-1, :half], logps[-1, half:]  # length-desensitized when training.ld_alpha is set
         losses, chosen_rewards, rejected_rewards = dpo_losses(
-            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:half], counts[half:]
+            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:half], counts[half:],
+            dpop_lambda=t.dpop_lambda,
         )
         loss = losses.mean()
         metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
         if t.nll_weight:
-            metrics["nll_loss"] = (-pc / counts[:half]).mean()
+            # TRL's "sft" loss: cross-entropy over all chosen tokens of the batch, not a mean of per-answer means.
+            metrics["nll_loss"] = -logps[0, :half].sum() / counts[:half].sum()
             loss = loss + t.nll_weight * metrics["nll_loss"]
         metrics["loss"] = loss
         return loss, metrics
@@ -325,7 +387,8 @@ class Trainer:
     def state(self) -> dict:
         """Where training is: what a checkpoint's state.json holds."""
         return {"step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
-                "seed": self.seed, "data_sha256": fingerprint(self.train_examples)}
+                "seed": self.seed, "data_sha256": fingerprint(self.train_examples), "best": self.best,
+                "stopped_early": self.stopped_early}
 
     def restore(self, state: dict, adapter_weights: Path, optimizer_state: dict) -> None:
         """Continue from a saved Trainer.state, adapter weights and optimizer state."""
@@ -333,6 +396,7 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
         self._compile()  # the compiled update must capture the new state dict
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best, self.stopped_early = state.get("best"), state.get("stopped_early", False)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def check_first_step(self, metrics: dict, before: dict) -> None:
@@ -406,13 +470,82 @@ def report(trainer: Trainer, events, window: list[dict], seconds: float, started
                 eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second)
 
 
+class Probe:
+    """Held-out prompts answered greedily during training: the share that loops and their length, then and before."""
+
+    def __init__(self, trainer: Trainer, count: int, max_tokens: int):
+        prompts = {e.prompt_id: e.prompt for e in trainer.held_out}  # one per prompt: a prompt has k pairs
+        self.prompts = [prompts[key] for key in sorted(prompts)[:count]]
+        self.trainer, self.settings = trainer, SamplerSettings(0.0, 1.0, max_tokens)
+        with adapter_disabled(trainer.model):
+            self.base_loops, _ = self.answer()
+
+    def answer(self) -> tuple[int, float]:
+        """Answers in a repetition loop, and the mean answer length in tokens."""
+        model = self.trainer.model.eval()
+        answers = generate_answers(model, self.trainer.tokenizer, self.prompts, self.settings, self.trainer.seed,
+                                   batch_size=len(self.prompts))
+        return sum(repetition_loop(a.text) for a in answers), sum(len(a.token_ids) for a in answers) / len(answers)
+
+
+SELECTION_METRICS = {"eval_loss": ("loss", 1.0), "eval_reward_accuracy": ("rewards/accuracies", -1.0)}
+
+
+def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) -> bool:
+    """Held-out metrics and probe answers as an event; select the step if it is the best; whether to stop early."""
+    t, events = trainer.training, run.events
+    metrics = trainer.held_out_metrics()
+    excess = 0
+    if probe:
+        loops, tokens = probe.answer()
+        metrics.update({"generation/repetition_loop": loops / len(probe.prompts), "generation/answer_tokens": tokens})
+        excess = max(loops - probe.base_loops, 0)
+        if excess:
+            events.emit("note", level="warning", text=f"step {trainer.step}: {loops} of {len(probe.prompts)} held-out "
+                        f"answers loop ({probe.base_loops} before training)")
+    events.emit("metrics", stage="train", split="eval", step=trainer.step, epoch=trainer.epoch, **metrics)
+    if t.select_checkpoint == "last":
+        return False
+    name, sign = SELECTION_METRICS[t.select_checkpoint]
+    # Fewer answers that loop more than before training first, then the held-out metric.
+    key = (excess, sign * metrics[name])
+    best = trainer.best
+    if best is None or key < (best["excess_loops"], sign * best["value"]):
+        trainer.best = {"step": trainer.step, "value": metrics[name], "excess_loops": excess}
+        if not (checkpoint_dir(run.dir, trainer.step) / STATE_FILE).is_file():
+            save_checkpoint(trainer, run, config)  # the selected adapter must be on disk
+        return False
+    patience = t.early_stopping_patience
+    if patience and (trainer.step - best["step"]) // t.eval_every >= patience:
+        events.emit("note", level="info", text=f"stopping early at step {trainer.step}: {name} has not improved "
+                    f"for {patience} evaluations since step {best['step']}")
+        return True
+    return False
+
+
+def write_final_adapter(trainer: Trainer, run, config: dict) -> dict:
+    """adapters/: the selected step's adapter (the last step's unless training.select_checkpoint says otherwise)."""
+    t, best = trainer.training, trainer.best
+    if t.select_checkpoint == "last" or best is None:
+        selected = {"step": trainer.step, "selected_by": "last"}
+        save_adapter(trainer.model, run.path(ADAPTERS_DIR), {**config, "mipo": {**config["mipo"], **selected}})
+        return selected
+    selected = {"step": best["step"], "selected_by": t.select_checkpoint, "value": best["value"],
+                "excess_loops": best["excess_loops"]}
+    with atomic_folder(run.path(ADAPTERS_DIR), replace=True) as staging:
+        shutil.copy(checkpoint_dir(run.dir, best["step"]) / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+        (staging / ADAPTER_CONFIG).write_text(json.dumps({**config, "mipo": {**config["mipo"], **selected}}, indent=2))
+    return selected
+
+
 def fit(trainer: Trainer, run, config: dict) -> dict:
-    """Train to the last step, with reports, held-out metrics and checkpoints in the run; the adapter to adapters/."""
+    """Train to the last step (or an early stop), with reports, held-out evidence and checkpoints; adapters/ at the end."""
     t, events, model = trainer.training, run.events, trainer.model
     events.emit("stage_started", stage="train", total=trainer.total_steps, unit="steps")
+    probe = Probe(trainer, t.probe_prompts, run.recipe.eval.max_tokens) if trainer.held_out and t.probe_prompts else None
     started, first_step, window, window_start = time.time(), trainer.step, [], time.time()
     with stop_after_step_on_sigint() as stop:
-        while trainer.step < trainer.total_steps:
+        while trainer.step < trainer.total_steps and not trainer.stopped_early:
             before = dict(tree_flatten(model.trainable_parameters())) if trainer.step == first_step == 0 else None
             model.train()
             metrics = trainer.train_step()
@@ -430,20 +563,21 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
                 report(trainer, events, window, time.time() - window_start, started, first_step)
                 window = []
             if trainer.held_out and (trainer.step % t.eval_every == 0 or last_step):
-                model.eval()
-                events.emit("metrics", stage="train", split="eval", step=trainer.step, epoch=trainer.epoch,
-                            **trainer.held_out_metrics())
-            stopping = stop.is_set() and not last_step
-            if trainer.step % t.save_every == 0 or last_step or stopping:
-                checkpoint = save_checkpoint(trainer, run, config)
+                trainer.stopped_early = evaluate_held_out(trainer, run, config, probe)
+            stopping = stop.is_set() and not last_step and not trainer.stopped_early
+            checkpoint = checkpoint_dir(run.dir, trainer.step)
+            saved = (checkpoint / STATE_FILE).is_file()  # the held-out evaluation may have just saved this step
+            if not saved and (trainer.step % t.save_every == 0 or last_step or stopping or trainer.stopped_early):
+                save_checkpoint(trainer, run, config)
             if stopping:
                 events.emit("note", level="info", text=f"stopped; checkpoint {checkpoint}")
                 raise KeyboardInterrupt
             if not window:  # evaluation and checkpoints do not count against the training speed
                 window_start = time.time()
     model.eval()
-    save_adapter(model, run.path(ADAPTERS_DIR), config)
-    summary = {"steps": trainer.step, "train_pairs": len(trainer.train_examples), "eval_pairs": len(trainer.held_out)}
+    selected = write_final_adapter(trainer, run, config)
+    summary = {"steps": trainer.step, "train_pairs": len(trainer.train_examples), "eval_pairs": len(trainer.held_out),
+               "selected": selected}
     events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
     return summary
 

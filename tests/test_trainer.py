@@ -351,3 +351,123 @@ def test_a_step_needs_only_examples_a_model_and_a_config(tmp_path, monkeypatch):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4) and second["loss"] != first["loss"]
     assert trainer.step == 2 and set(trainer.held_out_metrics()) >= {"loss", "rewards/accuracies"}
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_learning_rate_warms_up_then_follows_the_scheduler_type(kind):
+    training = TrainingConfig(learning_rate=1e-3, warmup_ratio=0.1, lr_scheduler_type=kind)
+    rate = trainer_module.schedule(training, 100)
+    values = [rate(mx.array(step)).item() for step in (0, 10, 55, 99)]
+    assert 0 < values[0] < values[1] == pytest.approx(1e-3)
+    expected_middle = {"cosine": 5e-4, "linear": 5e-4, "constant": 1e-3}[kind]
+    assert values[2] == pytest.approx(expected_middle, rel=0.05)
+    assert values[3] == pytest.approx(1e-3 if kind == "constant" else 0.0, abs=2e-5)  # the last update: 1 step left
+
+
+def test_length_desensitized_weights_are_trl_s_shared_and_tail_tokens():
+    mask = mx.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=mx.float32)
+    # Pairs (row 0, row 2) and (row 1, row 3): shared lengths 2 and 2.
+    weights = trainer_module.length_desensitized(mask, 2, 0.25)
+    assert weights.tolist() == [[1, 1, 0.25, 0.25, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0.25, 0.25]]
+
+
+def ld_trainer(alpha, nll_weight=0.0, dpop_lambda=0.0):
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    pairs = [Pair(f"{context} {question}", chosen, rejected) for question, context, chosen, rejected in PAIRS]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    training = TrainingConfig(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, ld_alpha=alpha,
+                              nll_weight=nll_weight, dpop_lambda=dpop_lambda)
+    return trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], training, seed=0), examples
+
+
+def test_length_desensitization_reweights_policy_and_reference_alike():
+    plain, examples = ld_trainer(None)
+    halved, _ = ld_trainer(0.5)
+    # The reference log-probs were scored again with the same weights: policy == reference at the start.
+    assert halved.train_examples[0].ref_chosen != examples[0].ref_chosen
+    for trainer in (plain, halved):
+        trainer.model.train()
+        assert trainer.train_step()["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # alpha 1 is plain DPO.
+    same, _ = ld_trainer(1.0)
+    assert [e.ref_chosen for e in same.train_examples] == pytest.approx([e.ref_chosen for e in examples[:6]], abs=1e-4)
+
+
+def test_the_nll_term_is_the_mean_over_all_chosen_tokens_of_the_batch():
+    trainer, _ = ld_trainer(None, nll_weight=1.0)
+    indices = trainer.next_micro_batches()[0][0]
+    batch, refs, _ = trainer_module.collate(trainer.train_examples, indices, trainer.pad_id, trainer.shared_prompts)
+    _, metrics = trainer._loss(trainer.model, batch, refs)
+    model = trainer.model
+    chosen = [trainer.train_examples[i].chosen for i in indices]
+    total, count = 0.0, 0
+    for ids, start in chosen:  # the plain forward, answer by answer
+        logits = model(mx.array([ids[:-1]]))[0]
+        logps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        total -= sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids)))
+        count += len(ids) - start
+    assert metrics["nll_loss"].item() == pytest.approx(total / count, rel=1e-4)
+    assert metrics["loss"].item() == pytest.approx(math.log(2) + total / count, rel=1e-4)
+
+
+def test_dpo_positive_starts_at_ln_2_and_learns(tmp_path, tiny_model_dirs):
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "dpop", "training.dpop_lambda=5.0",
+                    "training.epochs=3", "training.batch_size=4")
+    run_stages(run, ["train"])
+    losses = losses_of(run)
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-4) and losses[max(losses)] < losses[1]
+
+
+def test_the_final_adapter_is_the_held_out_best_step_and_early_stopping_ends_the_run(tmp_path, tiny_model_dirs):
+    overrides = ("training.epochs=20", "training.batch_size=2", "training.eval_fraction=0.3", "training.eval_every=1",
+                 "training.learning_rate=2e-2", "training.probe_prompts=0", "training.select_checkpoint=eval_loss")
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "best", *overrides, "training.early_stopping_patience=2")
+    summary = run_stages(run, ["train"])["train"]
+    events, _ = read_events(run.dir / "events.jsonl")
+    held_out = {e["step"]: e["loss"] for e in events if e["event"] == "metrics" and e["split"] == "eval"}
+    best = min(held_out, key=held_out.get)
+    selected = summary["selected"]
+    assert selected["step"] == best and selected["selected_by"] == "eval_loss"
+    assert max(held_out) - best == 2  # stopped two evaluations (eval_every 1) after the best
+    assert summary["steps"] == max(held_out) < run.recipe.training.epochs * 3  # before the last of 20 epochs
+    checkpoint = run.dir / "checkpoints" / f"step-{best:06d}"
+    assert (run.dir / "adapters" / "adapters.safetensors").read_bytes() == (checkpoint / "adapters.safetensors").read_bytes()
+    assert json.loads((run.dir / "adapters" / "adapter_config.json").read_text())["mipo"]["step"] == best
+    # A resumed run that stopped early trains no further.
+    again = train_run(tmp_path, tiny_model_dirs[("llama", False)], "best", *overrides,
+                      "training.early_stopping_patience=2", resume=True)
+    assert run_stages(again, ["train"])["train"]["steps"] == summary["steps"]
+
+
+def test_held_out_answers_that_loop_more_than_before_training_are_reported_and_not_selected(tmp_path, tiny_model_dirs):
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "loops", "training.eval_fraction=0.3",
+                    "training.select_checkpoint=eval_loss")
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    pairs = [Pair(f"{context} {question}", chosen, rejected) for question, context, chosen, rejected in PAIRS]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    trainer = trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], run.recipe.training, seed=0)
+
+    class LoopingProbe:  # answers that loop more after some steps than before training
+        prompts, base_loops = [None] * 4, 1
+
+        def __init__(self):
+            self.loops = iter([1, 3])
+
+        def answer(self):
+            return next(self.loops), 12.0
+
+    probe, config = LoopingProbe(), {"mipo": {}}
+    trainer.step = 10
+    trainer_module.evaluate_held_out(trainer, run, config, probe)
+    first = trainer.best
+    trainer.step = 20
+    trainer.held_out_metrics = lambda: {"loss": 0.01, "rewards/accuracies": 1.0}  # better, but it loops
+    trainer_module.evaluate_held_out(trainer, run, config, probe)
+    assert trainer.best == first and first["step"] == 10 and first["excess_loops"] == 0
+    events, _ = read_events(run.dir / "events.jsonl")
+    warnings = [e["text"] for e in events if e["event"] == "note" and e["level"] == "warning"]
+    assert warnings == ["step 20: 3 of 4 held-out answers loop (1 before training)"]
+    probes = [e for e in events if e["event"] == "metrics" and e["split"] == "eval"]
+    assert [e["generation/repetition_loop"] for e in probes] == [0.25, 0.75]
