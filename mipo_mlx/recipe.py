@@ -128,6 +128,11 @@ class SamplingConfig:
     drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
     drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")
+    drop_looping: bool = _field(
+        False, "Drop pairs whose chosen answer is in a repetition loop (metrics.repetition_loop, as compare counts).")
+    drop_similar: Optional[float] = _field(
+        None, "Drop pairs whose two answers are this similar or more (Self-BLEU of the pair, 0 to 1); null keeps "
+        "them.", greater_than=0.0, max=1.0)
 
 
 @dataclass

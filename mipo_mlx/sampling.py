@@ -26,6 +26,7 @@ from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import Answer, SamplerSettings, generate_chunk
+from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
 from mipo_mlx.scoring import score_answers
 from mipo_mlx.seeds import derived_seed
@@ -180,7 +181,7 @@ def sample_pairs(plans: list[PairPlan], answers: ChunkedAnswers, recipe) -> list
 
 
 def drop_reason(pair: Pair, sampling) -> str | None:
-    """Why the optional filters drop a pair ("identical", "empty" or "truncated"), or None to keep it."""
+    """Why the optional filters drop a pair ("identical", "empty", "truncated", "looping", "similar"), or None."""
     chosen, rejected = pair.chosen_text, pair.rejected_text
     if sampling.drop_identical and chosen.strip() == rejected.strip():
         return "identical"
@@ -188,6 +189,10 @@ def drop_reason(pair: Pair, sampling) -> str | None:
         return "empty"
     if sampling.drop_truncated and "length" in pair.mipo.finish.values():
         return "truncated"
+    if sampling.drop_looping and repetition_loop(chosen):
+        return "looping"  # DPO would push the model towards the loop
+    if sampling.drop_similar is not None and self_bleu([chosen, rejected]) >= sampling.drop_similar:
+        return "similar"  # the pair says little about the prompt: nearly the same answer either way
     return None
 
 

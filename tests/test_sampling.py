@@ -223,6 +223,20 @@ def test_filters_drop_and_count(tmp_path, tiny_model_dirs, prompts_file):
     assert all("length" not in p["mipo"]["finish"].values() for p in read_pairs(run))
 
 
+@pytest.mark.parametrize("chosen, rejected, reason", [
+    ("Walk. " * 12, "Read a book before bed and keep the room cool.", "looping"),
+    ("Go to bed early and keep the room dark and cool.", "Go to bed early and keep the room dark and quiet.",
+     "similar"),
+    ("Go to bed early and keep the room dark.", "Drink warm milk, and read a paper book.", None),
+])
+def test_looping_and_near_duplicate_pairs_are_dropped_when_asked(chosen, rejected, reason):
+    settings = parse_recipe("sampling: {drop_looping: true, drop_similar: 0.5}").sampling
+    finish = {"chosen": "stop", "rejected": "stop"}
+    pair = Pair([{"role": "user", "content": "How can I sleep better?"}], chosen, rejected, MipoRecord(finish=finish))
+    assert sampling.drop_reason(pair, settings) == reason
+    assert sampling.drop_reason(pair, parse_recipe("").sampling) is None  # off by default
+
+
 def test_strategies_that_need_contexts_say_so(tmp_path, tiny_model_dirs):
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"prompt": "Hi there"}\n{"prompt": "Hello again"}\n')
