@@ -211,11 +211,11 @@ class TrainingConfig:
         "last", "Which step's adapter is the final one: the last, or the held-out evaluation with the lowest DPO "
         "loss or the highest reward accuracy (needs training.eval_fraction > 0).")
     early_stopping_patience: Optional[int] = _field(
-        None, "Stop when select_checkpoint's held-out metric has not improved for this many evaluations; null "
-        "trains every step.", min=1, max=1000)
+        None, "Stop when select_checkpoint's held-out metric has not improved for this many evaluations (at most "
+        "1000, as epochs); null trains every step.", min=1, max=1000)
     probe_prompts: int = _field(
         8, "Held-out prompts answered greedily at each held-out evaluation, to report repetition loops and answer "
-        "length while training (0 turns it off).", min=0, max=256)
+        "length while training (0 turns it off; at most 256: each evaluation answers them all).", min=0, max=256)
 
     def __post_init__(self):
         if self.select_checkpoint != "last" and not self.eval_fraction:
