@@ -2,11 +2,12 @@
 
     python bench/preflight.py [RECIPE]
 
-Preflight (mipo_mlx/preflight.py) imports the modules the first stage needs anyway
-(mlx-lm, for the sampler's pair plan and the model sources), then reads the recipe,
-every data file to its last line and the model's files; loading the model is what
-comes next in a run, the first step a mistake found later would have cost
-(goal: the whole preflight, imports included, under 5 s on a 2-core CPU).
+Preflight (mipo_mlx/preflight.py) is what `mipo-mlx train` runs before anything else: it
+imports what the checks need (not mlx-lm or transformers), then reads the recipe, every
+data file to its last line and the model's files. Loading the model (mlx-lm and
+transformers imported, then the weights) is what comes next in a run, the first thing a
+mistake found later would have cost (goal: the whole preflight, imports included, under
+5 s on a 2-core CPU).
 """
 
 import argparse
@@ -23,8 +24,6 @@ def main() -> None:
     parser.add_argument("recipe", nargs="?", default="recipes/quickstart.yaml")
     args = parser.parse_args()
 
-    import mipo_mlx.loading  # noqa: F401
-    import mipo_mlx.sampling  # noqa: F401
     from mipo_mlx.pipeline import STAGES
     from mipo_mlx.preflight import preflight
     from mipo_mlx.recipe import load_recipe
@@ -35,14 +34,14 @@ def main() -> None:
         checked = preflight(recipe, resume=False, stages=list(STAGES))
     checked_at = time.perf_counter()
 
-    from mipo_mlx.loading import load_model
+    from mipo_mlx.loading import load_recipe_model
 
-    load_model(recipe.model.path, compute=recipe.model.compute, revision=recipe.model.revision)
+    load_recipe_model(recipe.model)
     loaded_at = time.perf_counter()
     total = checked_at - started
     print(f"preflight of {args.recipe}: {total:.2f} s in all (imports {imported - started:.2f} s, reading the recipe, "
           f"{checked.train_prompts} + {checked.test_prompts or 0} prompts and the model's files "
-          f"{checked_at - imported:.2f} s); loading the model next: {loaded_at - checked_at:.2f} s "
+          f"{checked_at - imported:.2f} s); loading the model next, imports included: {loaded_at - checked_at:.2f} s "
           f"(ratio {total / (loaded_at - checked_at):.2f}); load average {os.getloadavg()[0]:.2f}")
 
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
 
 from mipo_mlx.errors import UserError, rekeyed
-from mipo_mlx.files import atomic_folder
+from mipo_mlx.files import atomic_folder, remove_staging
 from mipo_mlx.loading import is_quantized, load_model
 from mipo_mlx.preflight import check_model, check_output_folder
 
@@ -44,6 +44,7 @@ def convert_model(
         if any(m.weight.shape[-1] % group_size for _, m in model.named_modules() if hasattr(m, "to_quantized")):
             raise UserError(f"some layers' widths are not a multiple of {group_size}; try --group-size 32", key="--group-size")
         model, config = quantize_model(model, config, group_size, quantize)
+    remove_staging(out.parent, out.name)  # what a killed convert to OUT left
     with atomic_folder(out) as staging:
         write_model_dir(staging, model, config, loaded.tokenizer)
     return out

@@ -3,6 +3,7 @@
     records = read_prompts("my_prompts.jsonl")             # or "bundled:personalization/train"
     records[0].messages()                                  # full prompt: context + question
     records[0].messages(context=None)                      # the same question, context left out
+    check_negatives(records, "drop_context")               # the records can give that negative (a UserError if not)
 
 Layouts (detected per line when the recipe says `format: auto`):
 
@@ -48,6 +49,7 @@ class PromptRecord:
     context: str | None = None
     history: list[dict] = field(default_factory=list)  # earlier chat turns, without the system message
     extras: dict = field(default_factory=dict)  # preferences, profile_id, gold answer, ...
+    where: str | None = field(default=None, compare=False)  # "FILE:LINE" it was read from, for messages
 
     def messages(self, context=KEEP) -> list[dict]:
         """The chat prompt; pass `context=None` to leave the context out or a string to swap it."""
@@ -236,6 +238,7 @@ def read_prompt_file(spec: str, layout: str = "auto", on_bad_line: str = "error"
             looks = "" if isinstance(error, DuplicateRecord) else f"; a record looks like {example}"
             raise UserError(f"{path}:{line.number}: {reason}{looks}; fix the line or {skip_with}", key=key) from None
         record.extras.update({k: v for k, v in row.items() if k not in KNOWN_EXTRAS})
+        record.where = f"{path}:{line.number}"
         seen[record.id] = line.number
         records.append(record)
     if not records and skipped:
@@ -253,3 +256,23 @@ def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", ke
     if skipped:
         logger.warning(f"{resolve_data_path(spec, key)}: skipped {len(skipped)} malformed line(s) (first: {skipped[0]})")
     return records
+
+
+def check_negatives(records: list[PromptRecord], strategy: str) -> None:
+    """Whether `records` can give the negatives of `strategy` (sampling.negative); a UserError says why not.
+
+    drop_context and swap_context need a context on every prompt, random_prompt and
+    swap_context at least 2 prompts, swap_context at least 2 different contexts.
+    """
+    if strategy in ("drop_context", "swap_context") and not all(r.context for r in records):
+        missing = next(r for r in records if not r.context)
+        raise UserError(
+            f"the {strategy} negative needs a context on every prompt, and {missing.id!r}"
+            f"{f' ({missing.where})' if missing.where else ''} has none; use prompts with 'context' or a system "
+            "message, or sampling.negative: random_prompt",
+            key="sampling.negative",
+        )
+    if len(records) < 2 and strategy != "drop_context":
+        raise UserError(f"the {strategy} negative needs at least 2 prompts", key="data.train")
+    if strategy == "swap_context" and len({r.context for r in records if r.context}) < 2:
+        raise UserError("swap_context needs at least 2 different contexts in the data", key="sampling.negative")

@@ -2,7 +2,9 @@
 
 It is the one interface between the engine and every observer (console, TUI, tests,
 reports). Lines are appended and flushed as they happen (files.JsonlAppender); readers
-tail the file.
+tail the file. A log opened on a file whose last line a kill cut short drops that line
+and says so in a warning note, naming the event it held. A command that only reads a
+run (compare, export) tells its observers and writes nothing: EventLog(None, observers).
 
 Every line has `time` (Unix seconds), `event` (a name below) and the event's fields:
 
@@ -16,6 +18,7 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
 |                  | rewards/accuracies, logps/chosen, logps/rejected, grad_norm,          |
 |                  | learning_rate, tokens_per_second, peak_memory_gb                      |
 | checkpoint_saved | step, path, sha256 (of adapters.safetensors)                            |
+| recipe_changed   | changes: {key: [before, after]} that `--resume --set` made (rundir.RESUMABLE_CHANGES) |
 | note             | level ("info" or "warning"), text                                      |
 | stage_finished   | stage, seconds, and a summary of the stage's counts                   |
 | run_finished     | status ("completed" or "stopped"), seconds                            |
@@ -26,7 +29,9 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
     events, offset = read_events(run_dir / "events.jsonl")
 """
 
+import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,7 @@ EVENT_NAMES = (
     "progress",
     "metrics",
     "checkpoint_saved",
+    "recipe_changed",
     "note",
     "stage_finished",
     "run_finished",
@@ -57,25 +63,40 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class EventLog:
-    """Appends events to a JSONL file, one flushed line each; observers get each event too."""
+def _cut_line(data: bytes) -> str:
+    """What the start of a line cut short holds, for a person: its event's name and its first bytes."""
+    event = re.search(rb'"event": "(\w+)"', data)
+    shown = json.dumps(data[:80].decode("utf-8", errors="replace"), ensure_ascii=False)
+    return f"{'a ' + event[1].decode() + ' event' if event else 'a line'} of {len(data)} bytes starting {shown}"
 
-    def __init__(self, path: str | Path, observers: list = ()):
-        self.path = Path(path)
-        self._file = JsonlAppender(self.path)
+
+class EventLog:
+    """Appends events to a JSONL file, one flushed line each; observers get each event too.
+
+    path None: the events go to the observers only (a command that reads a run and must not write into it).
+    """
+
+    def __init__(self, path: str | Path | None, observers: list = ()):
+        self.path = Path(path) if path is not None else None
+        self._file = JsonlAppender(self.path) if self.path is not None else None
         self.observers = list(observers)
+        if self._file is not None and self._file.dropped:
+            self.emit("note", level="warning", text=f"{self.path} ended in {_cut_line(self._file.dropped)} that a kill "
+                      "cut short; it was dropped")
 
     def emit(self, event: str, **fields: Any) -> dict:
         if event not in EVENT_NAMES:
             raise ValueError(f"unknown event {event!r}")
         record = {"time": round(time.time(), 3), "event": event, **_json_safe(fields)}
-        self._file.append(record)
+        if self._file is not None:
+            self._file.append(record)
         for observe in self.observers:
             observe(record)
         return record
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self):
         return self

@@ -18,7 +18,12 @@ OUT is laid out as the Hub repository will be:
 Fusing merges the adapter into the dequantized base, which reproduces the adapted model.
 `--keep-quantized` merges into the quantized base and re-quantizes: smaller, but the
 outputs shift, so the log-prob drift is measured on the run's own pairs and printed.
-OUT is written in a temporary folder and renamed at the end: never half-written.
+OUT is written in a temporary folder and renamed at the end: never half-written (what a
+killed export left beside OUT goes when the next export to OUT starts).
+
+Everything a mistake can be is checked before any work (check_export, and with --push
+the repository id and the token: hub.check_push_target); the run directory is only read,
+never written: its events go to the console alone.
 """
 
 import argparse
@@ -39,11 +44,13 @@ from mipo_mlx.chat import encode_answer
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.convert import write_model_dir
 from mipo_mlx.errors import UserError
-from mipo_mlx.files import atomic_folder
+from mipo_mlx.files import atomic_folder, remove_staging, safetensors_header
 from mipo_mlx.model_card import CardInputs, write_card
-from mipo_mlx.loading import EMBEDDED_MODELS, embedded_model_path, is_quantized, load_recipe_model
+from mipo_mlx.loading import is_quantized, load_recipe_model
 from mipo_mlx.lora import load_adapter
+from mipo_mlx.model_sources import EMBEDDED_MODELS, embedded_model_path
 from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
+from mipo_mlx.preflight import check_model, check_output_folder, read_json_file
 from mipo_mlx.recipe import is_hub_id
 from mipo_mlx.rundir import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, PAIRS_FILE, RECIPE_FILE, Run, read_pairs, reopen_run,
@@ -160,9 +167,30 @@ def check_mlx_gguf_support(config: dict, tokenizer) -> None:
         )
 
 
-def _check_out(out: Path) -> None:
+def check_export(run: Run, out: Path, formats: list[str], keep_quantized: bool) -> None:
+    """What export_run needs, checked without loading anything: OUT, the flags, the run's adapter and base model."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose a new folder or remove it", key="--to")
+    check_output_folder(out, "--to")
+    if keep_quantized and "fused" not in formats:
+        raise UserError("it applies to the fused model; add --format fused or drop the flag", key="--keep-quantized")
+    adapter_dir = run.path(ADAPTERS_DIR)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(
+            f"{adapter_dir} holds no trained adapter; finish the run first (mipo-mlx train RECIPE --resume)", key="RUN_DIR"
+        )
+    damaged = "the run's adapter is damaged; train it again (mipo-mlx train RECIPE --resume)"
+    try:
+        safetensors_header(adapter_dir / ADAPTER_WEIGHTS)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: {error}; {damaged}", key="RUN_DIR") from None
+    if not isinstance(read_json_file(adapter_dir / ADAPTER_CONFIG, "RUN_DIR", damaged), dict):
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not an adapter config; {damaged}", key="RUN_DIR")
+    try:
+        check_model(run.recipe.model.path, key="model.path", revision=run.recipe.model.revision)
+    except UserError as error:
+        raise UserError(f"the run's base model: {error.message}", file=str(run.path(RECIPE_FILE)),
+                        key=error.key) from None
 
 
 def export_run(
@@ -177,14 +205,9 @@ def export_run(
 ) -> ExportResult:
     """Write the run's adapter in `formats` and a model card to OUT; see the module docstring."""
     out = Path(out)
-    _check_out(out)
-    if keep_quantized and "fused" not in formats:
-        raise UserError("it applies to the fused model; add --format fused or drop the flag", key="--keep-quantized")
+    check_export(run, out, formats, keep_quantized)
+    remove_staging(out.parent, out.name)
     adapter_dir = run.path(ADAPTERS_DIR)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise UserError(
-            f"{adapter_dir} holds no trained adapter; finish the run first (mipo-mlx train RECIPE --resume)", key="RUN_DIR"
-        )
     recipe, started = run.recipe, time.time()
     source_gguf = base_gguf_path(recipe.model.path)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -270,7 +293,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from mipo_mlx.hub import push_folder
+    from mipo_mlx.hub import check_push_target, push_folder
 
     finished = reopen_run(Path(args.run_dir), observers=[ConsoleObserver()])
     recipe = finished.recipe
@@ -279,6 +302,8 @@ def run(args) -> int:
     private = recipe.export.private if args.private is None else args.private
     if args.dry_run and not repo_id:
         raise UserError("--dry-run lists what --push would upload; add --push REPO_ID", key="--dry-run")
+    if repo_id:
+        check_push_target(repo_id, dry_run=args.dry_run)  # export_run checks the rest before any work
     result = export_run(finished, args.out, formats, base_model=args.base_model,
                         keep_quantized=args.keep_quantized, dtype=args.dtype, repo_id=repo_id)
     print(f"wrote {result.out} ({', '.join(result.formats)}); PEFT base: {result.base_model}")

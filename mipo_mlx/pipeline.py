@@ -7,6 +7,11 @@ A run lives in OUTPUT_DIR/RUN_NAME (run_name defaults to the recipe file's name;
 files: rundir.py). Each stage is a module function `run_stage(run, load_model) -> dict`
 that reads what earlier stages wrote there; `load_model()` gives the recipe's model,
 loaded once for all the stages (one model in memory).
+
+A command checks everything first (preflight.py), then loads the model, and only then
+opens the run directory: a mistake found by either leaves nothing behind, so the same
+command runs again once it is fixed. A resumed run says in one line what it continues
+from (the pairs sampled, the checkpoint, what --set changed).
 """
 
 import dataclasses
@@ -20,7 +25,7 @@ from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.events import EventLog
 from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
-from mipo_mlx.rundir import COMPARE_DIR, Run, open_run
+from mipo_mlx.rundir import COMPARE_DIR, ResumePoint, Run, open_run
 
 # Stage name -> module with run_stage(run, load_model); train chains them in this order.
 STAGES = {
@@ -55,10 +60,27 @@ def model_loader(recipe):
     return load_model
 
 
-def run_stages(run: Run, stages: list[str]) -> dict:
-    """Run `stages` in order; every outcome, failure included, lands in the event log."""
-    notes = _NotesToEvents(run.events)
-    logger.addHandler(notes)
+def resume_line(run: Run, point: ResumePoint, stages: list[str]) -> str:
+    """What a resumed run continues from, in one line."""
+    parts = [f"{point.pairs} pairs already sampled"]
+    if "train" in stages:
+        if point.checkpoint:
+            parts.append(f"training continues from {point.checkpoint} (step {point.state['step']} of "
+                         f"{point.state['total_steps']})")
+        else:
+            parts.append("training starts from its first step (no checkpoint yet)")
+        if point.damaged:
+            parts.append(f"damaged, to be set aside: {', '.join(path.name for path, _ in point.damaged)}")
+    if run.changed:
+        parts.append("changed by --set: " + ", ".join(f"{key} {before!r} -> {after!r}"
+                                                      for key, (before, after) in run.changed.items()))
+    return f"resuming {run.dir}: " + "; ".join(parts)
+
+
+def run_stages(run: Run, stages: list[str], load_model=None, notes: list[str] = ()) -> dict:
+    """Run `stages` in order; every outcome, failure included, lands in the event log (`notes` first)."""
+    handler = _NotesToEvents(run.events)
+    logger.addHandler(handler)
     started_at = time.time()
     run.events.emit(
         "run_started",
@@ -69,7 +91,9 @@ def run_stages(run: Run, stages: list[str]) -> dict:
         resumed=run.resumed,
         pid=os.getpid(),
     )
-    load_model = model_loader(run.recipe)
+    for note in notes:
+        logger.info(note)
+    load_model = load_model or model_loader(run.recipe)
     summaries, stage = {}, None
     try:
         for stage in stages:
@@ -83,7 +107,7 @@ def run_stages(run: Run, stages: list[str]) -> dict:
         run.events.emit("run_failed", error=message, stage=stage)
         raise
     finally:
-        logger.removeHandler(notes)
+        logger.removeHandler(handler)
     run.events.emit("run_finished", status="completed", seconds=time.time() - started_at)
     run.events.close()
     return summaries
@@ -108,10 +132,13 @@ def run(args) -> int:
     # Sampling alone is idempotent: it always picks up where the pairs file stopped.
     resume = args.resume or args.command == "sample"
     checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages)
+    load_model = model_loader(recipe)
+    load_model()  # before the run directory is made: a model that does not load leaves nothing behind
     logger.info(f"checked the recipe, {checked.train_prompts} + {checked.test_prompts or 0} prompts and the model's "
                 f"files in {checked.seconds:.1f} s")
     current = open_run(recipe, resume=resume, observers=[ConsoleObserver()])
-    run_stages(current, stages)
+    notes = [resume_line(current, checked.resume, stages)] if checked.resume else []
+    run_stages(current, stages, load_model, notes)
     if "compare" in stages:
         from mipo_mlx.report import report_summary
 

@@ -1,34 +1,43 @@
 """The run directory: the name of every file and folder in it, opening and resuming a run, and the pairs.
 
     run = open_run(recipe, resume=False)          # creates OUTPUT_DIR/RUN_NAME, writes recipe.yaml
-    run = reopen_run(Path("runs/quickstart"))     # a finished or interrupted run (compare, export)
+    run = reopen_run(Path("runs/quickstart"))     # a finished or interrupted run, read only (compare, export)
     pairs = read_pairs(run.path(PAIRS_FILE))      # [Pair]: TRL preference records, plus `mipo`
     writer = PairsWriter(run.path(PAIRS_FILE))    # the sample stage's: writer.written, writer.append(pair)
     latest_checkpoint(run.dir)                    # runs/quickstart/checkpoints/step-000040, or None
+    good, damaged = usable_checkpoint(run.dir)    # the newest whole checkpoint, and the newer damaged ones
 
     OUTPUT_DIR/RUN_NAME/
         recipe.yaml               the resolved recipe, every key written out
         events.jsonl              the event log (its schema: events.py)
         pairs.jsonl               one Pair per line, appended by the sample stage (PairsWriter)
         checkpoints/step-NNNNNN/  adapters.safetensors, adapter_config.json, optimizer.safetensors, state.json
+        checkpoints/damaged-step-NNNNNN/  a checkpoint a resume found damaged, set aside
         adapters/                 the final adapter, mlx-lm's format: adapters.safetensors, adapter_config.json
         compare/                  answers.jsonl, metrics.json, report.md: before and after
         console.log               what a run started from the TUI printed
 
 Stages meet only through these files; this module is the one owner of their names and of
 the pairs record, and imports no MLX, so that the TUI can read runs with it.
+
+A checkpoint's state.json is written last and records the sha256 of each of its other
+files (write_checkpoint_state); checkpoint_problem checks a checkpoint against them, and
+against the tensors a resume expects, before anything of it is loaded. Opening a run to
+write in it first removes what a killed write left there (files.remove_staging).
 """
 
 import dataclasses
+import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from mipo_mlx.errors import UserError
 from mipo_mlx.events import EventLog
-from mipo_mlx.files import JsonlAppender, read_lines
+from mipo_mlx.files import JsonlAppender, read_lines, remove_staging, replace_file, safetensors_header, sha256_of
 from mipo_mlx.recipe import Recipe, dump_recipe, parse_recipe, recipe_to_dict
 from mipo_mlx.seeds import derived_seed
 
@@ -46,22 +55,46 @@ ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_PREFIX = "step-"
+DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-step-NNNNNN: set aside by a resume, read by none
+# The files whose sha256 a checkpoint's state.json records (under "sha256"), as they were written.
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE)
 # compare/ (and `mipo-mlx eval --out`): the answers side by side, the metrics, the report.
 ANSWERS_FILE = "answers.jsonl"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-# Keys that may change between a run and its resume without changing what it computes.
-RESUMABLE_CHANGES = ("training.report_every", "training.eval_every", "training.save_every")
+# Keys `--resume --set KEY=VALUE` may change: none of them changes what is already on disk (the
+# pairs, the adapter's shape, the objective the checkpoints were trained on, the metric the best
+# step was selected by); each only shapes what comes after the checkpoint the run continues from.
+# The change is written into recipe.yaml and recorded as a recipe_changed event.
+RESUMABLE_CHANGES = (
+    # The optimizer from the next step on: step size, its schedule (over the new total), clipping, decay.
+    "training.learning_rate", "training.lr_scheduler_type", "training.warmup_ratio", "training.max_grad_norm",
+    "training.weight_decay",
+    # How long to train, and when to stop early.
+    "training.epochs", "training.max_steps", "training.early_stopping_patience",
+    # When to report, evaluate on the held-out pairs and save.
+    "training.report_every", "training.eval_every", "training.save_every",
+    # Read after training only: the before/after comparison (not eval.max_tokens: the probes use it) and export.
+    "eval.max_prompts", "eval.temperature", "eval.top_p", "eval.bootstrap_samples", "eval.math_shots",
+    "eval.judge_model", "export.formats", "export.repo_id", "export.private",
+)
 
 
 @dataclass
 class Run:
-    """One run directory, its recipe and its event log, shared by the stages."""
+    """One run directory, its recipe and its event log, shared by the stages.
+
+    resumed: the run existed before this start. read_only: opened by a command that reads it
+    (compare, export), whose events go to its observers and not into the run's event log.
+    changed: what `--resume --set` changed at this start, {key: (before, after)}.
+    """
 
     recipe: Recipe
     dir: Path
     events: EventLog
     resumed: bool = False
+    read_only: bool = False
+    changed: dict = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -102,20 +135,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_same_recipe(saved_path: Path, recipe: Recipe) -> None:
+def recipe_changes(saved_path: Path, recipe: Recipe) -> dict:
+    """{key: (before, after)} for the RESUMABLE_CHANGES `recipe` makes to the saved recipe; any other change is refused."""
     saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-    current = _flatten(recipe_to_dict(recipe))
-    for key, value in current.items():
-        if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+    changes = {}
+    for key, value in _flatten(recipe_to_dict(recipe)).items():
+        if saved.get(key) == value:
+            continue
+        if key not in RESUMABLE_CHANGES:
             raise UserError(
-                f"{key} is {value!r} but the run was started with {saved.get(key)!r}; "
-                f"resume with the same recipe, or start a new run with --set run_name=NEW",
-                file=str(saved_path),
+                f"{key} is {value!r} but the run was started with {saved.get(key)!r}, and a resume cannot change it "
+                "(only the keys of the learning rate, its schedule, the length of training, the evaluation, saving "
+                "and reporting intervals, eval and export: see the README); resume with the same value, or start a "
+                "new run with --set run_name=NEW", file=str(saved_path),
             )
+        changes[key] = (saved.get(key), value)
+    return changes
 
 
 def open_run(recipe: Recipe, *, resume: bool, observers: list = ()) -> Run:
-    """Create the run directory, or reopen it to resume; never overwrite a run silently."""
+    """Create the run directory, or reopen it to resume; never overwrite a run silently.
+
+    Reopened, what a killed write left in it goes first, and the RESUMABLE_CHANGES of `recipe`
+    are written into recipe.yaml and recorded (a recipe_changed event).
+    """
     run_dir = run_dir_of(recipe)
     recipe_path = run_dir / RECIPE_FILE
     started = recipe_path.exists()
@@ -124,32 +167,147 @@ def open_run(recipe: Recipe, *, resume: bool, observers: list = ()) -> Run:
             f"{run_dir} already holds a run; add --resume to continue it, or --set run_name=NEW for a new one",
             key="run_name",
         )
-    if started:
-        _check_same_recipe(recipe_path, recipe)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        temp = recipe_path.with_suffix(".tmp")
-        temp.write_text(dump_recipe(recipe), encoding="utf-8")
-        os.replace(temp, recipe_path)
+    changes = recipe_changes(recipe_path, recipe) if started else {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_staging(run_dir) + remove_staging(run_dir / CHECKPOINTS_DIR)
+    if changes or not started:
+        replace_file(recipe_path, dump_recipe(recipe))
     events = EventLog(run_dir / EVENTS_FILE, observers=observers)
-    return Run(recipe=recipe, dir=run_dir, events=events, resumed=started)
+    for path in removed:
+        events.emit("note", level="info", text=f"removed {path}, left by a write that was killed before it finished")
+    if changes:
+        events.emit("recipe_changed", changes={key: list(change) for key, change in changes.items()})
+    return Run(recipe=recipe, dir=run_dir, events=events, resumed=started, changed=changes)
 
 
 def reopen_run(run_dir: Path, observers: list = ()) -> Run:
-    """A finished or interrupted run, from its directory alone (for compare and export)."""
+    """A finished or interrupted run, from its directory alone, to read (compare, export): nothing is written into it."""
     recipe = saved_recipe(run_dir)
-    events = EventLog(Path(run_dir) / EVENTS_FILE, observers=observers)
-    return Run(recipe=recipe, dir=Path(run_dir), events=events, resumed=True)
+    return Run(recipe=recipe, dir=Path(run_dir), events=EventLog(None, observers=observers), resumed=True,
+               read_only=True)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, by step (damaged ones set aside are not among them)."""
+    return sorted((Path(run_dir) / CHECKPOINTS_DIR).glob(f"{CHECKPOINT_PREFIX}*"))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint of the highest step (each is written whole, so any one is complete)."""
-    checkpoints = sorted((Path(run_dir) / CHECKPOINTS_DIR).glob(f"{CHECKPOINT_PREFIX}*"))
-    return checkpoints[-1] if checkpoints else None
+    """The checkpoint of the highest step (each is written whole; usable_checkpoint checks it too)."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def write_checkpoint_state(directory: Path, state: dict) -> None:
+    """state.json of a checkpoint being written: `state` (Trainer.state) and the sha256 of its CHECKPOINT_FILES."""
+    digests = {name: sha256_of(directory / name) for name in CHECKPOINT_FILES}
+    (directory / STATE_FILE).write_text(json.dumps({**state, "sha256": digests}))
+
+
+def read_checkpoint_state(directory: Path) -> dict:
+    """A checkpoint's state.json (checked by checkpoint_problem first)."""
+    return json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _tensors_problem(path: Path, expected: dict) -> str | None:
+    """How the tensors of a safetensors file differ from `expected`, {name: (dtype, shape)}, or None."""
+    try:
+        found = {name: (info["dtype"], tuple(info["shape"])) for name, info in safetensors_header(path).items()}
+    except ValueError as error:
+        return f"{path.name}: {error}"
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    changed = sorted(name for name in expected.keys() & found.keys() if expected[name] != found[name])
+    if not (missing or extra or changed):
+        return None
+    if changed:
+        name = changed[0]
+        detail = f"{name} is {found[name][0]} {list(found[name][1])}, not {expected[name][0]} {list(expected[name][1])}"
+    else:
+        detail = f"it lacks {missing[0]}" if missing else f"it holds {extra[0]}, which the adapter has not"
+    return f"{path.name} does not hold the tensors this recipe's adapter has ({detail})"
+
+
+def checkpoint_problem(directory: Path, tensors: dict | None = None) -> str | None:
+    """What is wrong with a checkpoint, or None when it is whole, before anything of it is loaded.
+
+    Its state.json reads and is for its step; each of CHECKPOINT_FILES is there with the sha256
+    recorded when it was written. tensors, {file: {name: (safetensors dtype, shape)}}: what the
+    files must hold, exactly (the adapter and optimizer state the recipe's LoRA layers have).
+    """
+    directory = Path(directory)
+    try:
+        state = read_checkpoint_state(directory)
+    except FileNotFoundError:
+        return f"it has no {STATE_FILE}"
+    except (OSError, ValueError):
+        return f"its {STATE_FILE} is not readable JSON"
+    digests = state.get("sha256") if isinstance(state, dict) else None
+    if not isinstance(digests, dict) or any(not isinstance(digests.get(name), str) for name in CHECKPOINT_FILES):
+        return f"its {STATE_FILE} records no sha256 of {', '.join(CHECKPOINT_FILES)}"
+    step = directory.name.removeprefix(CHECKPOINT_PREFIX)
+    if not all(isinstance(state.get(key), int) for key in ("step", "epoch", "position")) or f"{state['step']:06d}" != step:
+        return f"its {STATE_FILE} is not the state of step {int(step)}"
+    for name in CHECKPOINT_FILES:
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_of(path) != digests[name]:
+            return f"{name} is not the file written at step {int(step)} (its sha256 differs from the one recorded)"
+    for name, expected in (tensors or {}).items():
+        problem = _tensors_problem(directory / name, expected)
+        if problem:
+            return problem
+    return None
+
+
+def usable_checkpoint(run_dir: Path, tensors: dict | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint without a problem (checkpoint_problem), and the newer ones with theirs."""
+    damaged = []
+    for directory in reversed(checkpoints(run_dir)):
+        problem = checkpoint_problem(directory, tensors)
+        if problem is None:
+            return directory, damaged
+        damaged.append((directory, problem))
+    return None, damaged
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move a damaged checkpoint to checkpoints/damaged-step-NNNNNN, where no resume reads it (and its step is free)."""
+    aside = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(checkpoint, aside)
+    return aside
+
+
+def no_checkpoint_left(run_dir: Path, damaged: list[tuple[Path, str]]) -> UserError:
+    """The error for a run whose every checkpoint is damaged: what is wrong with each, and what to do."""
+    found = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+    return UserError(f"every checkpoint of {run_dir} is damaged ({found}); move {Path(run_dir) / CHECKPOINTS_DIR} "
+                     "away to train again from the first step, or start a new run with --set run_name=NEW",
+                     key="--resume")
+
+
+@dataclass
+class ResumePoint:
+    """Where a run that is resumed stands: its sampled pairs and the checkpoint training continues from."""
+
+    pairs: int
+    checkpoint: Path | None
+    state: dict | None  # the checkpoint's state.json
+    damaged: list[tuple[Path, str]]  # newer checkpoints with what is wrong with them
+
+
+def resume_point(run_dir: Path) -> ResumePoint:
+    """Where the run in `run_dir` stands (a UserError if a pairs line is not a sampled pair or no checkpoint is whole)."""
+    pairs = sampled_pairs(Path(run_dir) / PAIRS_FILE)
+    good, damaged = usable_checkpoint(run_dir)
+    if damaged and good is None:
+        raise no_checkpoint_left(run_dir, damaged)
+    return ResumePoint(len(pairs), good, read_checkpoint_state(good) if good else None, damaged)
 
 
 def latest_adapter(run_dir: Path) -> Path | None:
@@ -306,25 +464,31 @@ def _lines(path: Path, growing: bool):
         raise UserError(f"cannot read {path} ({error.__class__.__name__})") from None
 
 
-class PairsWriter:
-    """The sample stage's append-only pairs file: the pairs already in it, and one flushed line per new pair.
+def sampled_pairs(path: Path) -> dict[str, Pair]:
+    """The pairs a sample stage wrote to `path`, by mipo.id ({} before it starts).
 
-    A pair torn by a kill (a last line without its newline) is dropped; every other line
+    A pair torn by a kill (a last line without its newline) is left out; every other line
     must be a pair the sample stage wrote, with the fields a resume needs.
     """
+    written = {}
+    for line in _lines(Path(path), growing=True) if Path(path).exists() else []:
+        try:
+            pair = Pair.from_json(line.json())
+            if pair.mipo is None or None in (pair.mipo.id, pair.mipo.requests, pair.mipo.finish):
+                raise ValueError("not sampled")
+        except ValueError:
+            raise UserError(f"{path}:{line.number}: not a pair written by mipo-mlx; "
+                            "move the file away to sample again") from None
+        written[pair.mipo.id] = pair
+    return written
+
+
+class PairsWriter:
+    """The sample stage's append-only pairs file: the pairs already in it (sampled_pairs), and one flushed line per new pair."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.written: dict[str, Pair] = {}
-        for line in _lines(self.path, growing=True) if self.path.exists() else []:
-            try:
-                pair = Pair.from_json(line.json())
-                if pair.mipo is None or None in (pair.mipo.id, pair.mipo.requests, pair.mipo.finish):
-                    raise ValueError("not sampled")
-            except ValueError:
-                raise UserError(f"{path}:{line.number}: not a pair written by mipo-mlx; "
-                                "move the file away to sample again") from None
-            self.written[pair.mipo.id] = pair
+        self.written: dict[str, Pair] = sampled_pairs(self.path)
         self._file = JsonlAppender(self.path)
 
     def append(self, pair: Pair) -> None:

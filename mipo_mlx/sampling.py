@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 
 from mipo_mlx.chat import encode_prompt
-from mipo_mlx.data import PromptRecord, read_prompts
-from mipo_mlx.errors import UserError
+from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
 from mipo_mlx.generation import Answer, SamplerSettings, generate_chunk
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
@@ -60,18 +59,8 @@ def derangement(n: int, rng: random.Random) -> list[int]:
 
 def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) -> tuple[list[Request], list[PairPlan]]:
     """Every request to generate and every pair to make, in one canonical order."""
-    if strategy in ("drop_context", "swap_context") and not all(r.context for r in records):
-        missing = next(r.id for r in records if not r.context)
-        raise UserError(
-            f"the {strategy} negative needs a context on every prompt, and {missing!r} has none; "
-            "use prompts with 'context' or a system message, or sampling.negative: random_prompt",
-            key="sampling.negative",
-        )
-    if len(records) < 2 and strategy != "drop_context":
-        raise UserError(f"the {strategy} negative needs at least 2 prompts", key="data.train")
+    check_negatives(records, strategy)
     contexts = sorted({r.context for r in records if r.context})
-    if strategy == "swap_context" and len(contexts) < 2:
-        raise UserError("swap_context needs at least 2 different contexts in the data", key="sampling.negative")
     positives = {r.id: Request(f"{r.id}/chosen", r.messages()) for r in records}
     requests, pairs = [], []
     rng = random.Random(derived_seed(seed, "negatives"))

@@ -38,18 +38,23 @@ and the stage summary say which step and why.
 Self-checks stop a run that would learn nothing: the first loss must equal the loss at
 policy == reference (ln 2 for sigmoid) within 1e-4; the first update must have a
 non-zero gradient and change the adapter; a NaN or infinite loss or gradient stops the
-run, keeping the last good checkpoint. Checkpoints (adapter, optimizer state, data
-position, a fingerprint of the training pairs) are written atomically; `--resume`
-continues the exact trajectory: batch order and dropout noise are functions of the
-recipe's seed and the step, so the RNG state is (seed, step). Ctrl+C (the TUI's stop
-button sends SIGINT) finishes the current step, saves a checkpoint and stops; a second
-Ctrl+C stops at once, keeping the last checkpoint.
+run, keeping the last good checkpoint, and names the command that continues it with a
+lower learning rate (`--resume --set training.learning_rate=...`). Checkpoints (adapter,
+optimizer state, data position, a fingerprint of the training pairs, the sha256 of each
+file) are written atomically; `--resume` continues the exact trajectory: batch order and
+dropout noise are functions of the recipe's seed and the step, so the RNG state is
+(seed, step). It first checks the newest checkpoint against its digests and against the
+tensors (names, shapes, dtypes) this recipe's adapter and optimizer have, before loading
+any of it; a damaged one is reported in one line, set aside and the one before it used.
+Ctrl+C (the TUI's stop button sends SIGINT) finishes the current step, saves a checkpoint
+and stops; a second Ctrl+C stops at once, keeping the last checkpoint.
 """
 
 import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -73,18 +78,22 @@ from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.metrics import repetition_loop
 from mipo_mlx.errors import UserError
-from mipo_mlx.files import atomic_folder
+from mipo_mlx.files import atomic_folder, sha256_of
 from mipo_mlx.lora import adapter_config, adapter_disabled, apply_lora, lora_layers, save_adapter, write_adapter
 from mipo_mlx.rundir import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, OPTIMIZER_FILE, PAIRS_FILE, STATE_FILE, Pair, checkpoint_dir, is_held_out,
-    latest_checkpoint, read_pairs,
+    no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
 )
 from mipo_mlx.scoring import (
     PAD_MULTIPLE, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, score_answers, shares_prompts,
 )
 from mipo_mlx.seeds import derived_seed
 
+logger = logging.getLogger("mipo_mlx")
 INITIAL_LOSS_TOLERANCE = 1e-4
+# mx dtypes as a safetensors header names them (what mx.save_safetensors writes).
+SAFETENSORS_DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint64: "U64",
+                           mx.int64: "I64", mx.uint32: "U32", mx.int32: "I32"}
 
 
 class TrainingStopped(RuntimeError):
@@ -207,10 +216,6 @@ def length_desensitized(mask: mx.array, pairs: int, alpha: float) -> mx.array:
     shared = mx.minimum(counts[:pairs], counts[pairs:])
     position = mx.cumsum(mask, axis=-1)  # 1 at each answer's first token
     return mask * mx.where(position <= mx.concatenate([shared, shared])[:, None], 1.0, alpha)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @mx.custom_function
@@ -417,24 +422,65 @@ class Trainer:
 
 
 def save_checkpoint(trainer: Trainer, run, config: dict) -> Path:
-    """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole."""
+    """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole.
+
+    state.json goes last, with the sha256 of the other files (rundir.write_checkpoint_state).
+    """
     directory = checkpoint_dir(run.dir, trainer.step)
     optimizer_state = dict(tree_flatten(trainer.optimizer.state))
     with atomic_folder(directory, replace=True) as staging:
         write_adapter(staging, trainer.model, config)
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_state)
-        (staging / STATE_FILE).write_text(json.dumps(trainer.state()))
+        write_checkpoint_state(staging, trainer.state())
     run.events.emit("checkpoint_saved", step=trainer.step, path=str(directory),
                     sha256=sha256_of(directory / ADAPTER_WEIGHTS))
     return directory
 
 
+def checkpoint_tensors(trainer: Trainer) -> dict:
+    """{file: {name: (safetensors dtype, shape)}}: what a checkpoint of this trainer holds (rundir.checkpoint_problem)."""
+    parameters = trainer.model.trainable_parameters()
+    fresh = type(trainer.optimizer)(learning_rate=0.0)
+    fresh.init(parameters)  # zeros, never computed: only their names, shapes and dtypes are read
+
+    def described(tree) -> dict:
+        return {name: (SAFETENSORS_DTYPE_NAMES.get(value.dtype, str(value.dtype)), tuple(value.shape))
+                for name, value in tree_flatten(tree)}
+
+    return {ADAPTER_WEIGHTS: described(parameters), OPTIMIZER_FILE: described(fresh.state)}
+
+
+def resume_checkpoint(trainer: Trainer, run) -> Path | None:
+    """The newest checkpoint that is whole and holds this recipe's adapter; each newer one is reported and set aside."""
+    good, damaged = usable_checkpoint(run.dir, checkpoint_tensors(trainer))
+    if damaged and good is None:
+        raise no_checkpoint_left(run.dir, damaged)
+    for path, problem in damaged:
+        aside = set_aside(path)
+        logger.warning(f"checkpoint {path} is damaged: {problem}; set aside as {aside.name}, continuing from "
+                       f"{good.name if good else 'the first step'}")
+    return good
+
+
 def restore_checkpoint(trainer: Trainer, run, directory: Path) -> None:
-    state = json.loads((directory / STATE_FILE).read_text())
+    """Continue from a checkpoint that resume_checkpoint found whole."""
+    state = read_checkpoint_state(directory)
     if state["data_sha256"] != fingerprint(trainer.train_examples):
         raise UserError(f"{run.path(PAIRS_FILE)} changed since {directory}; the run cannot continue "
                         "exactly: start a new run with --set run_name=NEW", key="--resume")
     trainer.restore(state, directory / ADAPTER_WEIGHTS, mx.load(str(directory / OPTIMIZER_FILE)))
+
+
+def not_finite(trainer: Trainer, run, metrics: dict) -> TrainingStopped:
+    """The stop for a NaN or infinite step, naming the checkpoint to continue from and the command that does."""
+    good, _ = usable_checkpoint(run.dir)
+    lower = f"{trainer.training.learning_rate / 10:.3g}"
+    start = f"from {good}" if good else "from the first step (no checkpoint yet)"
+    return TrainingStopped(
+        f"step {trainer.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not finite; "
+        f"continue {start} with a lower learning rate: run the same command with --resume --set "
+        f"training.learning_rate={lower}"
+    )
 
 
 @contextlib.contextmanager
@@ -550,11 +596,7 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
             model.train()
             metrics = trainer.train_step()
             if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-                last = latest_checkpoint(run.dir)
-                raise TrainingStopped(
-                    f"step {trainer.step}: loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is not "
-                    f"finite; lower training.learning_rate; the last good checkpoint is {last or 'none'}"
-                )
+                raise not_finite(trainer, run, metrics)
             if before is not None:
                 trainer.check_first_step(metrics, before)
             window.append(metrics)
@@ -607,7 +649,7 @@ def run_stage(run, load_model) -> dict:
             "sample more prompts or lower the batch size", key="training.batch_size",
         )
     trainer = Trainer(model, tokenizer, train, held_out, recipe.training, recipe.seed)
-    checkpoint = latest_checkpoint(run.dir) if run.resumed else None
+    checkpoint = resume_checkpoint(trainer, run) if run.resumed else None
     if checkpoint:
         restore_checkpoint(trainer, run, checkpoint)
     config = adapter_config(model, recipe.lora, recipe.model.path, **provenance(recipe, loaded))

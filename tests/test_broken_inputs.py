@@ -1,12 +1,13 @@
 """Broken inputs: every case of tests/broken_inputs/cases.yaml, run through the real CLI.
 
 Each case puts its files (recipes and data files of tests/broken_inputs/, a damaged tiny
-model directory) in a fresh folder, runs `python -m mipo_mlx.cli ...` there and checks
+model directory, a run directory started with a recipe) in a fresh folder, runs `python -m mipo_mlx.cli ...` there and checks
 what the README promises for any mistake: exit status 2, exactly one line on stderr and
 nothing on stdout, no traceback, and every file that was there byte-identical with no new
 folder left behind. Preflight catches them all before a model is loaded.
 """
 
+import contextlib
 import hashlib
 import os
 import shlex
@@ -18,13 +19,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mipo_mlx.recipe import dump_recipe, load_recipe
+from mipo_mlx.rundir import RECIPE_FILE, run_dir_of
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "broken_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
 
 
 def mipo_mlx(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
+    # No Hub, and no token of the person running the tests: the push cases must not depend on one.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(home))
     return subprocess.run([sys.executable, "-m", "mipo_mlx.cli", *args], cwd=cwd, capture_output=True, timeout=600,
                           env=env)
 
@@ -51,7 +57,13 @@ def prepare(case: dict, folder: Path, tiny_model: Path) -> None:
     if isinstance(files, list):
         files = {Path(source).name: source for source in files}
     for name, source in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(CORPUS / source, folder / name)
+    if "started" in case:
+        with contextlib.chdir(folder):  # the recipe's relative paths, as the command will read them
+            recipe = load_recipe(case["started"])
+        (folder / run_dir_of(recipe)).mkdir(parents=True)
+        (folder / run_dir_of(recipe) / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
     for name, text in case.get("text", {}).items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text, encoding="utf-8")
@@ -71,11 +83,12 @@ def snapshot(folder: Path) -> dict:
 
 
 def test_the_corpus_has_every_kind_of_case_and_uses_every_file():
-    assert len(CASES) >= 45
+    assert len(CASES) >= 60
     ids = [case["id"] for case in CASES]
     assert len(ids) == len(set(ids))
     kinds = {case_id.split("-")[0] for case_id in ids}
-    assert {"recipe", "set", "data", "model", "output", "run", "resume", "eval", "info", "convert"} <= kinds
+    assert {"recipe", "set", "data", "model", "output", "run", "resume", "checkpoint", "eval", "info", "convert",
+            "export", "push"} <= kinds
     used = set()
     for case in CASES:
         files = case.get("files", {})

@@ -151,3 +151,32 @@ def test_default_formats_come_from_the_recipe(tmp_path):
                      "mlx/adapters.safetensors", "recipe.yaml", "training_curve.svg"]
     assert mx.load(str(tmp_path / "out" / "mlx" / "adapters.safetensors")).keys() == \
         mx.load(str(run_dir / "adapters" / "adapters.safetensors")).keys()
+
+
+def files_below(folder, leave_out=()) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] not in leave_out}
+
+
+def test_export_and_compare_read_a_run_and_write_only_their_outputs(tmp_path, capsys):
+    from mipo_mlx import cli
+
+    run_dir = make_run(tmp_path, "llama")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["eval"].update(max_prompts=2, max_tokens=4, bootstrap_samples=100)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with open(run_dir / "events.jsonl", "a") as file:
+        file.write('{"time": 9.0, "event": "met')  # a line a kill cut short: reading the run must keep it
+    before = files_below(run_dir)
+    # What a killed export to the same folder left beside it goes; nothing else there does.
+    (tmp_path / ".out.partial-k1ll3d00").mkdir()
+    (tmp_path / ".out.partial-k1ll3d00" / "README.md").write_text("half")
+
+    assert cli.main(["export", str(run_dir), "--to", str(tmp_path / "out"), "--format", "mlx", "peft"]) == 0
+    assert files_below(run_dir) == before
+    assert not (tmp_path / ".out.partial-k1ll3d00").exists() and (tmp_path / "out" / "README.md").is_file()
+
+    assert cli.main(["compare", str(run_dir)]) == 0
+    assert files_below(run_dir, leave_out=("compare",)) == {k: v for k, v in before.items() if not k.startswith("compare")}
+    assert (run_dir / "compare" / "metrics.json").read_bytes() != before["compare/metrics.json"]
+    assert "== compare" in capsys.readouterr().err  # its progress went to the console instead

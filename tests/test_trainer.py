@@ -5,12 +5,15 @@
 The loss formulas themselves are checked against numpy in test_dpo.py.
 """
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +31,7 @@ from mipo_mlx.loading import load_recipe_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
-from mipo_mlx.rundir import Pair, is_held_out, open_run
+from mipo_mlx.rundir import Pair, is_held_out, open_run, read_checkpoint_state, write_checkpoint_state
 from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 PAIRS = [
@@ -211,25 +214,36 @@ def test_zero_gradient_stops_the_run(tmp_path, tiny_model_dirs, monkeypatch):
         run_stages(run, ["train"])
 
 
-def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, tiny_model_dirs):
-    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "nan", "training.batch_size=2", "training.save_every=1")
+def test_nan_loss_stops_the_run_and_the_command_it_names_continues_it(tmp_path, tiny_model_dirs, monkeypatch):
+    model_dir, settings = tiny_model_dirs[("llama", False)], ("training.batch_size=2", "training.save_every=1")
+    run = train_run(tmp_path, model_dir, "nan", *settings)
     real_step = trainer_module.Trainer.train_step
 
-    def poisoned(self):
+    def poisoned(self):  # diverges at step 3 with the recipe's learning rate, not with a lower one
         metrics = real_step(self)
-        if self.step == 3:
+        if self.step == 3 and self.training.learning_rate == 1e-3:
             metrics["loss"] = float("nan")
         return metrics
 
-    trainer_module.Trainer.train_step = poisoned
-    try:
-        with pytest.raises(UserError, match=r"step 3: loss nan .* is not finite; .*step-000002"):
-            run_stages(run, ["train"])
-    finally:
-        trainer_module.Trainer.train_step = real_step
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", poisoned)
+    with pytest.raises(UserError, match=r"step 3: loss nan .* is not finite; continue from \S*step-000002 with a lower "
+                                        r"learning rate: run the same command with --resume --set "
+                                        r"training.learning_rate=0.0001$"):
+        run_stages(run, ["train"])
     assert (run.dir / "checkpoints" / "step-000002" / "adapters.safetensors").exists()
     events, _ = read_events(run.dir / "events.jsonl")
     assert events[-1]["event"] == "run_failed"
+    first = losses_of(run)
+
+    resumed = train_run(tmp_path, model_dir, "nan", *settings, "training.learning_rate=0.0001", resume=True)
+    assert resumed.changed == {"training.learning_rate": (0.001, 0.0001)}
+    run_stages(resumed, ["train"])
+    events, _ = read_events(run.dir / "events.jsonl")
+    assert [e["changes"] for e in events if e["event"] == "recipe_changed"] == [{"training.learning_rate": [0.001, 0.0001]}]
+    assert "learning_rate: 0.0001" in (run.dir / "recipe.yaml").read_text()
+    losses = losses_of(run)
+    assert [losses[1], losses[2]] == [first[1], first[2]] and all(math.isfinite(v) for v in losses.values())
+    assert (run.dir / "adapters" / "adapters.safetensors").is_file()
 
 
 def test_pairs_without_reference_logps_are_scored_once_with_the_adapter_off(tmp_path, tiny_model_dirs):
@@ -471,3 +485,123 @@ def test_held_out_answers_that_loop_more_than_before_training_are_reported_and_n
     assert warnings == ["step 20: 3 of 4 held-out answers loop (1 before training)"]
     probes = [e for e in events if e["event"] == "metrics" and e["split"] == "eval"]
     assert [e["generation/repetition_loop"] for e in probes] == [0.25, 0.75]
+
+
+def damage_with_random_bytes(checkpoint):
+    weights = checkpoint / "adapters.safetensors"
+    weights.write_bytes(os.urandom(weights.stat().st_size))
+
+
+def damage_tensor_bytes(checkpoint):
+    """4 KiB of the tensor data (after the header) randomized: the file still reads, its values are garbage."""
+    weights = checkpoint / "adapters.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    span = min(4096, len(data) - start)
+    data[start : start + span] = os.urandom(span)
+    weights.write_bytes(bytes(data))
+
+
+def damage_with_finite_noise(checkpoint):
+    """1024 values of a trained lora_b moved by small finite noise: a valid file of plausible weights."""
+    weights = checkpoint / "adapters.safetensors"
+    tensors = mx.load(str(weights))
+    name = next(n for n in sorted(tensors) if n.endswith("lora_b"))
+    flat = tensors[name].reshape(-1)
+    count = min(1024, flat.size)
+    flat = mx.concatenate([flat[:count] + 1e-3 * mx.random.normal((count,)), flat[count:]])
+    mx.save_safetensors(str(weights), {**tensors, name: flat.reshape(tensors[name].shape)})
+
+
+def damage_by_losing_a_file(checkpoint):
+    (checkpoint / "optimizer.safetensors").unlink()
+
+
+DAMAGES = {
+    "random-bytes": (damage_with_random_bytes, "adapters.safetensors is not the file written at step 4"),
+    "randomized-tensor-bytes": (damage_tensor_bytes, "adapters.safetensors is not the file written at step 4"),
+    "finite-noise": (damage_with_finite_noise, "adapters.safetensors is not the file written at step 4"),
+    "missing-file": (damage_by_losing_a_file, "optimizer.safetensors is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dirs):
+    """The 8 steps of RESUME_SETTINGS in one go: what every resumed run must end as, byte for byte."""
+    run = train_run(tmp_path_factory.mktemp("uninterrupted"), tiny_model_dirs[("llama", False)], "straight",
+                    *RESUME_SETTINGS)
+    run_stages(run, ["train"])
+    return run
+
+
+def same_run(got, expected) -> None:
+    """The same adapter (both files) and the same loss at every step."""
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        assert (got.dir / "adapters" / name).read_bytes() == (expected.dir / "adapters" / name).read_bytes(), name
+    assert losses_of(got) == losses_of(expected)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_reported_in_one_line_and_the_one_before_ends_as_the_uninterrupted_run(
+        damage, tmp_path, tiny_model_dirs, monkeypatch, caplog, uninterrupted):
+    model_dir = tiny_model_dirs[("llama", False)]
+    stopped = stopped_run(tmp_path, model_dir, "damaged", monkeypatch)  # checkpoints at steps 3 and 4
+    newest = stopped.dir / "checkpoints" / "step-000004"
+    make_damage, problem = DAMAGES[damage]
+    make_damage(newest)
+
+    caplog.set_level(logging.INFO, logger="mipo_mlx")
+    run_stages(train_run(tmp_path, model_dir, "damaged", *RESUME_SETTINGS, resume=True), ["train"])
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning == (f"checkpoint {newest} is damaged: {problem}"
+                       + (" (its sha256 differs from the one recorded)" if "written" in problem else "")
+                       + "; set aside as damaged-step-000004, continuing from step-000003")
+    assert (stopped.dir / "checkpoints" / "damaged-step-000004").is_dir()
+    same_run(stopped, uninterrupted)
+
+
+def test_a_checkpoint_of_another_adapter_is_caught_by_its_tensors_before_it_is_loaded(
+        tmp_path, tiny_model_dirs, monkeypatch, caplog, uninterrupted):
+    """Digests that match, but tensors this recipe's adapter does not have (here rank 2 instead of 4)."""
+    model_dir = tiny_model_dirs[("llama", False)]
+    stopped = stopped_run(tmp_path, model_dir, "other", monkeypatch)
+    newest = stopped.dir / "checkpoints" / "step-000004"
+    tensors = mx.load(str(newest / "adapters.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("lora_a"))
+    mx.save_safetensors(str(newest / "adapters.safetensors"), {**tensors, name: tensors[name][:, :2]})
+    state = read_checkpoint_state(newest)
+    write_checkpoint_state(newest, {k: v for k, v in state.items() if k != "sha256"})  # as if written so
+
+    caplog.set_level(logging.WARNING, logger="mipo_mlx")
+    run_stages(train_run(tmp_path, model_dir, "other", *RESUME_SETTINGS, resume=True), ["train"])
+    [warning] = [r.getMessage() for r in caplog.records]
+    shape = list(tensors[name].shape)
+    assert (f"adapters.safetensors does not hold the tensors this recipe's adapter has ({name} is F32 "
+            f"[{shape[0]}, 2], not F32 {shape})") in warning
+    same_run(stopped, uninterrupted)
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_in_one_line(tmp_path, tiny_model_dirs, monkeypatch):
+    model_dir = tiny_model_dirs[("llama", False)]
+    stopped = stopped_run(tmp_path, model_dir, "lost", monkeypatch)
+    for step in (3, 4):
+        damage_with_finite_noise(stopped.dir / "checkpoints" / f"step-{step:06d}")
+    with pytest.raises(UserError, match=r"^--resume: every checkpoint of \S+ is damaged \(step-000004: .*; step-000003: "
+                                        r".*\); move \S+checkpoints away to train again from the first step"):
+        run_stages(train_run(tmp_path, model_dir, "lost", *RESUME_SETTINGS, resume=True), ["train"])
+    assert sorted(p.name for p in (stopped.dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_each_checkpoint_records_the_sha256_of_its_files(tmp_path, tiny_model_dirs):
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "digests", "training.batch_size=4",
+                    "training.max_steps=2", "training.save_every=1")
+    run_stages(run, ["train"])
+    events, _ = read_events(run.dir / "events.jsonl")
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    assert [e["step"] for e in saved] == [1, 2]
+    for event in saved:
+        state = read_checkpoint_state(event["path"])
+        assert set(state["sha256"]) == {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors"}
+        assert state["sha256"]["adapters.safetensors"] == event["sha256"]
+        for name, digest in state["sha256"].items():
+            assert hashlib.sha256((Path(event["path"]) / name).read_bytes()).hexdigest() == digest

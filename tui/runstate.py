@@ -83,6 +83,10 @@ class RunState:
             self._note(f"checkpoint at step {event['step']}: {event['path']}")
         elif kind == "note":
             self._note(f"{event.get('level', 'info')}: {event.get('text', '')}")
+        elif kind == "recipe_changed":
+            changes = event.get("changes") or {}
+            self._note("resumed with " + ", ".join(f"{key} {before!r} -> {after!r}"
+                                                   for key, (before, after) in changes.items()))
         elif kind == "stage_finished":
             done = self.progress.setdefault(event["stage"], {"stage": event["stage"]})
             if done.get("total"):

@@ -73,4 +73,14 @@ def test_a_run_killed_mid_event_resumes_its_log_without_a_merged_line(tmp_path):
     with EventLog(path) as log:
         log.emit("progress", stage="sample", done=2, total=4, unit="pairs")
     events, _ = read_events(path)
-    assert [e["done"] for e in events] == [1, 2]
+    assert [e["done"] for e in events if e["event"] == "progress"] == [1, 2]
+    [note] = [e for e in events if e["event"] == "note"]
+    assert note["level"] == "warning" and "a progr" not in note["text"] and "a line of 29 bytes" in note["text"]
+
+
+def test_a_resume_that_changed_the_recipe_shows_as_a_note(tmp_path):
+    with EventLog(tmp_path / "events.jsonl") as log:
+        log.emit("recipe_changed", changes={"training.learning_rate": [2e-05, 1e-05]})
+    tail = RunTail(tmp_path)
+    tail.poll()
+    assert list(tail.state.notes) == ["resumed with training.learning_rate 2e-05 -> 1e-05"]
