@@ -54,14 +54,14 @@ PROMPT_FORMATS = {
 }
 
 
-def answer_sides(model, tokenizer, records, settings: SamplerSettings, seed: int, batch_size: int,
-                 adapted: bool = True) -> dict:
-    """{"base": answers with the adapter off, "adapted": with it on}, same sampler and seed; base only without."""
+def answer_sides(model, tokenizer, records, settings: SamplerSettings, seed: int, adapted: bool = True) -> dict:
+    """{"base": answers with the adapter off, "adapted": with it on}, same sampler and noise; base only without."""
     prompts = [encode_prompt(tokenizer, r.messages()) for r in records]
+    keys = [r.id for r in records]  # each prompt's sampling noise, the same for both sides
     with adapter_disabled(model):
-        answers = {"base": generate_answers(model, tokenizer, prompts, settings, seed, batch_size)}
+        answers = {"base": generate_answers(model, tokenizer, prompts, settings, seed, keys)}
     if adapted:
-        answers["adapted"] = generate_answers(model, tokenizer, prompts, settings, seed, batch_size)
+        answers["adapted"] = generate_answers(model, tokenizer, prompts, settings, seed, keys)
     return answers
 
 
@@ -122,7 +122,7 @@ def answer_and_score(model, tokenizer, records, eval_config, seed: int, adapted:
     """Answers with the adapter off (and on) to `records` in the paper's prompt formats, scored: (rows, metrics)."""
     records = [formatted(r, eval_config.math_shots) for r in records]
     settings = SamplerSettings(eval_config.temperature, eval_config.top_p, eval_config.max_tokens)
-    answers = answer_sides(model, tokenizer, records, settings, seed, batch_size=16, adapted=adapted)
+    answers = answer_sides(model, tokenizer, records, settings, seed, adapted=adapted)
     rows, metrics = score(records, answers, eval_config.bootstrap_samples, seed)
     if judge:
         judge_rows(judge, records, rows)

@@ -18,6 +18,7 @@ from mlx_lm.utils import get_total_parameters
 
 from mipo_mlx.backend import describe_backend
 from mipo_mlx.errors import UserError, rekeyed
+from mipo_mlx.generation import auto_batch_size
 from mipo_mlx.loading import load_model, resolve_compute
 from mipo_mlx.preflight import check_model
 from mipo_mlx.recipe import DEFAULT_LORA_KEYS, LoraConfig, SamplingConfig, TrainingConfig
@@ -61,7 +62,8 @@ def memory_estimates(model: nn.Module, config: dict, compute: str) -> dict[str, 
     kv_heads = config.get("num_key_value_heads", heads)
     sampling, training, lora = SamplingConfig(), TrainingConfig(), LoraConfig()
     tokens = sampling.max_tokens + 512  # an answer after a prompt of up to 512 tokens
-    kv_cache = 2 * layers * kv_heads * head_dim * tokens * sampling.batch_size * act_bytes
+    batch = sampling.batch_size or auto_batch_size(model, 512, sampling.max_tokens)
+    kv_cache = 2 * layers * kv_heads * head_dim * tokens * batch * act_bytes
     # One LoRA pair (r x in, out x r) per adapted linear, counted from the first layer's shapes.
     first_layer = dict(model.model.layers[0].named_modules())
     lora_params = 0
@@ -79,6 +81,7 @@ def memory_estimates(model: nn.Module, config: dict, compute: str) -> dict[str, 
         "parameters": params,
         "weights_gb": weights / GB,
         "sampling_gb": (weights + kv_cache) / GB,
+        "sampling_batch": batch,
         "lora_parameters": lora_params,
         "training_gb": (weights + lora_params * 16 + activations + logits) / GB,
     }
@@ -125,7 +128,7 @@ def format_description(info: dict) -> str:
         f"compute here     {info['compute_here']} (model.compute: auto)",
         "memory (estimates)",
         f"  weights        {memory['weights_gb']:.2f} GB",
-        f"  sampling       {memory['sampling_gb']:.2f} GB  (batch {sampling.batch_size}, up to {sampling.max_tokens} new tokens)",
+        f"  sampling       {memory['sampling_gb']:.2f} GB  (batch {memory['sampling_batch']}, up to {sampling.max_tokens} new tokens)",
         f"  LoRA DPO       {memory['training_gb']:.2f} GB  (rank {lora.rank}, {memory['lora_parameters'] / 1e6:.2f}M adapter "
         f"parameters, batch {training.batch_size} pairs, {training.max_seq_length // 2} tokens each)",
     ]

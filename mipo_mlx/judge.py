@@ -97,15 +97,15 @@ def judge_prompt(preference: str, question: str, answer: str) -> list[dict]:
 class ModelJudge:
     """A chat model that replies to judge prompts; LoRA layers, if any, are switched off while it judges."""
 
-    def __init__(self, loaded, seed: int, batch_size: int = 16):
-        self.loaded, self.seed, self.batch_size = loaded, seed, batch_size
+    def __init__(self, loaded, seed: int):
+        self.loaded, self.seed = loaded, seed
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         tokenizer = self.loaded.tokenizer
         prompts = [encode_prompt(tokenizer, messages) for messages in conversations]
         with adapter_disabled(self.loaded.model):
             answers = generate_answers(self.loaded.model, tokenizer, prompts, JUDGE_SETTINGS,
-                                       derived_seed(self.seed, "judge"), self.batch_size)
+                                       derived_seed(self.seed, "judge"))
         return [a.text for a in answers]
 
 

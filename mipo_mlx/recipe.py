@@ -123,8 +123,11 @@ class SamplingConfig:
         512, "Longest answer, in tokens (at most 131072, the longest context of the supported models).",
         min=1, max=LONGEST_CONTEXT,
     )
-    batch_size: int = _field(16, "Answers generated together (at most 4096 sequences in one forward pass).",
-                             min=1, max=LARGEST_BATCH)
+    batch_size: Optional[int] = _field(
+        None, "Answers generated together (at most 4096 sequences in one forward pass); null chooses up to 64 from "
+        "the model's size, the answer length and the memory (the same answers at any batch size).",
+        min=1, max=LARGEST_BATCH,
+    )
     drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
     drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")

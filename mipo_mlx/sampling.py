@@ -12,10 +12,13 @@ answer tokens (scoring.score_answers: chat.encode_answer and scoring.answer_logp
 exactly what the trainer uses), so DPO needs no reference model. The pairs go to
 RUN_DIR/pairs.jsonl as rundir.Pair records, through rundir.PairsWriter.
 
-Resumable by construction: requests are generated in fixed chunks, each seeded by its
-index alone; a pair is written (one flushed line) right after the chunk that completes
-it. A rerun recovers answers from the pairs already written, regenerates the chunks it
-still needs (identically), and appends the missing pairs in the same order.
+Answers come from generation.answer_stream: every request's sampling noise is a function of
+(seed, request id, token position), so an answer does not depend on the batch size or on
+which requests were generated with it. Pairs are scored and written in fixed groups of
+SCORING_PAIRS in the plan's order (the reference pass of a group is the same whatever
+generated it), one flushed line per pair. A rerun recovers answers from the pairs already
+written, generates only the answers it still needs (identically), and appends the missing
+pairs in the same order: a killed run ends with exactly the pairs of an uninterrupted one.
 """
 
 import random
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
-from mipo_mlx.generation import Answer, SamplerSettings, generate_chunk
+from mipo_mlx.generation import Answer, SamplerSettings, answer_stream, auto_batch_size
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
 from mipo_mlx.scoring import score_answers
@@ -57,16 +60,15 @@ def derangement(n: int, rng: random.Random) -> list[int]:
             return order
 
 
-def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) -> tuple[list[Request], list[PairPlan]]:
-    """Every request to generate and every pair to make, in one canonical order."""
+def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) -> list[PairPlan]:
+    """Every pair to make, in one canonical order."""
     check_negatives(records, strategy)
     contexts = sorted({r.context for r in records if r.context})
     positives = {r.id: Request(f"{r.id}/chosen", r.messages()) for r in records}
-    requests, pairs = [], []
+    pairs = []
     rng = random.Random(derived_seed(seed, "negatives"))
     derangements = [derangement(len(records), rng) for _ in range(k)] if strategy == "random_prompt" else []
     for index, record in enumerate(records):
-        requests.append(positives[record.id])
         for j in range(k):
             if strategy == "random_prompt":
                 other = records[derangements[j][index]]
@@ -74,16 +76,14 @@ def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) ->
             elif strategy == "drop_context":
                 negative = Request(f"{record.id}/no-context/{j}", record.messages(context=None))
                 source = f"{record.id} without context"
-                requests.append(negative)
             else:
                 others = [c for c in contexts if c != record.context]
                 context = others[rng.randrange(len(others))]
                 owner = next(r.id for r in records if r.context == context)
                 negative = Request(f"{record.id}/context-of/{owner}/{j}", record.messages(context=context))
                 source = f"context of {owner}"
-                requests.append(negative)
             pairs.append(PairPlan(f"{record.id}#{j}", record, positives[record.id], negative, source))
-    return requests, pairs
+    return pairs
 
 
 def _finish(answer: Answer) -> str:
@@ -100,36 +100,33 @@ def known_answers(pairs: dict[str, Pair]) -> dict[str, Answer]:
     return answers
 
 
-class ChunkedAnswers:
-    """Answers by request id: recovered from written pairs, else generated with the whole chunk that holds them.
+# Pairs whose answers are scored in one reference pass (8 answers, scoring.SCORING_ROWS).
+SCORING_PAIRS = 4
 
-    Requests are cut into chunks of `chunk_size` in their canonical order, and a chunk's
-    sampler is seeded by its index alone, so an answer is the same whichever chunks ran before.
-    """
 
-    def __init__(self, loaded, requests: list[Request], chunk_size: int, settings: SamplerSettings, seed: int,
+class StreamedAnswers:
+    """Answers by request id: recovered from written pairs, else taken from one generation job over all still needed."""
+
+    def __init__(self, loaded, requests: list[Request], settings: SamplerSettings, seed: int, batch_size: int | None,
                  known: dict[str, Answer]):
-        self.loaded, self.requests, self.chunk_size = loaded, requests, chunk_size
-        self.settings, self.seed = settings, seed
-        self.answers = dict(known)
-        self.chunk_of = {r.id: i // chunk_size for i, r in enumerate(requests)}
-        self.chunks = -(-len(requests) // chunk_size)
-        self.generated_chunks: set[int] = set()
-        self.generated_tokens = 0
+        self.loaded, self.answers = loaded, dict(known)
+        self.todo = list({r.id: r for r in requests if r.id not in known}.values())  # canonical order, no repeats
+        self.generated_answers = self.generated_tokens = 0
+        model, tokenizer = loaded.model, loaded.tokenizer
+        prompts = [encode_prompt(tokenizer, r.messages) for r in self.todo]
+        if batch_size is None and prompts:
+            batch_size = auto_batch_size(model, max(len(p) for p in prompts), settings.max_tokens)
+        self.batch_size = batch_size
+        self.stream = answer_stream(model, tokenizer, prompts, settings, seed, [r.id for r in self.todo],
+                                    batch_size or 1)
 
     def get(self, request: Request) -> Answer:
-        if request.id not in self.answers:
-            self._generate(self.chunk_of[request.id])
-        return self.answers[request.id]
-
-    def _generate(self, index: int) -> None:
-        members = self.requests[index * self.chunk_size : (index + 1) * self.chunk_size]
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        prompts = [encode_prompt(tokenizer, r.messages) for r in members]
-        for member, answer in zip(members, generate_chunk(model, tokenizer, prompts, self.settings, self.seed, index)):
-            self.answers.setdefault(member.id, answer)
+        while request.id not in self.answers:
+            index, answer = next(self.stream)
+            self.answers[self.todo[index].id] = answer
+            self.generated_answers += 1
             self.generated_tokens += len(answer.token_ids)
-        self.generated_chunks.add(index)
+        return self.answers[request.id]
 
 
 def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: list[float], counts: list[tuple[int, int]],
@@ -157,7 +154,7 @@ def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: list[floa
     )
 
 
-def sample_pairs(plans: list[PairPlan], answers: ChunkedAnswers, recipe) -> list[Pair]:
+def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe) -> list[Pair]:
     """The planned pairs with both answers (generated as needed) and their reference log-probs."""
     loaded = answers.loaded
     sides = [(answers.get(plan.chosen), answers.get(plan.rejected)) for plan in plans]
@@ -185,41 +182,44 @@ def drop_reason(pair: Pair, sampling) -> str | None:
     return None
 
 
-def resume_point(plans: list[PairPlan], due: dict[str, int], written: dict[str, Pair]) -> tuple[int, list[PairPlan]]:
-    """The chunk to start from and the pairs still to make: those not written, from the last written pair's chunk on."""
-    last_written_due = max((due[i] for i in written if i in due), default=-1)
-    return max(last_written_due, 0), [p for p in plans if p.id not in written and due[p.id] >= last_written_due]
-
-
 def run_stage(run, load_model) -> dict:
     recipe, sampling = run.recipe, run.recipe.sampling
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
-    requests, plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
+    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
     pairs_file = PairsWriter(run.path(PAIRS_FILE))
-    settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
-    answers = ChunkedAnswers(load_model(), requests, sampling.batch_size, settings, recipe.seed,
-                             known_answers(pairs_file.written))
-    # A pair is due once the later of its two requests' chunks is done.
-    due = {p.id: max(answers.chunk_of[p.chosen.id], answers.chunk_of[p.rejected.id]) for p in plans}
-    first_chunk, pending = resume_point(plans, due, pairs_file.written)
+    written = pairs_file.written
+    groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]
+    # Groups before the last one with a written pair are done (their other pairs were dropped by the filters).
+    first = max((g for g, group in enumerate(groups) if any(p.id in written for p in group)), default=0)
+    todo = [p for group in groups[first:] for p in group if p.id not in written]
     run.events.emit("stage_started", stage="sample", total=len(plans), unit="pairs")
-    started, written_now, dropped = time.time(), 0, {}
-    for chunk in range(first_chunk, answers.chunks):
-        for pair in sample_pairs([p for p in pending if due[p.id] == chunk], answers, recipe):
+    started, dropped, answers = time.time(), {}, None
+    if todo:  # a finished pairs file: nothing to load or generate
+        settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
+        answers = StreamedAnswers(load_model(), [r for p in todo for r in (p.chosen, p.rejected)], settings,
+                                  recipe.seed, sampling.batch_size, known_answers(written))
+        run.events.emit("note", level="info", text=f"sampling: {len(answers.todo)} answers to generate, "
+                        f"{answers.batch_size} at a time")
+    for g in range(first, len(groups)) if todo else []:
+        # The whole group is scored, written pairs too, so that its reference pass is the uninterrupted run's.
+        for pair in sample_pairs(groups[g], answers, recipe):
+            if pair.mipo.id in written:
+                continue
             reason = drop_reason(pair, sampling)
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
             else:
                 pairs_file.append(pair)
-                written_now += 1
         elapsed = max(time.time() - started, 1e-9)
         run.events.emit(
-            "progress", stage="sample", done=sum(1 for p in plans if due[p.id] <= chunk), total=len(plans),
-            unit="pairs", rate=written_now / elapsed, tokens_per_second=answers.generated_tokens / elapsed,
-            eta_seconds=elapsed / (chunk - first_chunk + 1) * (answers.chunks - chunk - 1),
+            "progress", stage="sample", done=min((g + 1) * SCORING_PAIRS, len(plans)), total=len(plans),
+            unit="pairs", rate=(g - first + 1) * SCORING_PAIRS / elapsed,
+            tokens_per_second=answers.generated_tokens / elapsed,
+            eta_seconds=elapsed / (g - first + 1) * (len(groups) - g - 1),
         )
     pairs_file.close()
     summary = {"pairs": len(pairs_file.written), "planned": len(plans), "dropped": dropped,
-               "generated_chunks": len(answers.generated_chunks), "tokens": answers.generated_tokens}
+               "generated_answers": answers.generated_answers if answers else 0,
+               "tokens": answers.generated_tokens if answers else 0}
     run.events.emit("stage_finished", stage="sample", seconds=time.time() - started, **summary)
     return summary

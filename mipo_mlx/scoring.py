@@ -6,8 +6,9 @@
     logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
-answer_logprobs scores whole sequences: through score_answers, the reference pass at
-sampling time (and of pairs without one, before training) and compare's rewards; export's
+score_answers (the reference pass at sampling time and of pairs without one before
+training, compare's rewards) runs the vocabulary head on the answer positions only
+(window_logprobs); answer_logprobs scores whole sequences for the trainer and export's
 checks. The DPO step scores pairs with pair_logprobs, which runs each
 prompt once for both its answers, where the model allows it: the same log-probs up to
 float rounding (the trainer's first-step check holds them to the stored reference). A
@@ -26,7 +27,7 @@ PAD_MULTIPLE = 16
 # last hidden states, so that the head can run on some positions only.
 PLAIN_HEAD_MODELS = ("llama", "qwen2", "qwen3")
 HEAD_SLICE = 64
-SCORING_ROWS = 8  # sequences per score_answers forward; bounds the (rows, T, vocab) logits
+SCORING_ROWS = 8  # sequences per score_answers forward
 
 
 def padded_width(sequences: list[list[int]]) -> int:
@@ -125,6 +126,24 @@ def answer_logprobs(model, tokens: mx.array, mask: mx.array) -> mx.array:
     return (token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[-1]) * mask).sum(axis=-1)
 
 
+def window_logprobs(model, tokens: mx.array, windows: list[tuple[int, int]]) -> mx.array:
+    """Summed log-probs of targets a..b-1 of each row, for windows (a, b): (B,). Inference only.
+
+    The vocabulary head runs on the window positions alone (the prompt positions before
+    them score nothing), where whole logits would cost a head pass over every position.
+    """
+    rows = np.concatenate([np.full(b - a, row) for row, (a, b) in enumerate(windows)]).astype(np.int32)
+    columns = np.concatenate([np.arange(a, b) for a, b in windows]).astype(np.int32)
+    rows, columns = mx.array(rows), mx.array(columns)
+    targets = tokens[rows, columns + 1]  # (N,)
+    head = plain_head(model)
+    if head is None:
+        logps = target_logprobs(model(tokens[:, :-1])[rows, columns], targets)
+    else:
+        logps = head_logprobs(head, model.model(tokens[:, :-1])[rows, columns], targets)  # (N,)
+    return mx.zeros(len(windows), dtype=logps.dtype).at[rows].add(logps)
+
+
 def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tuple[list[float], list[tuple[int, int]]]:
     """log p(answer | messages) under `model` for (messages, answer) items, and their (prompt, answer) token counts."""
     encoded = [encode_answer(tokenizer, messages, answer) for messages, answer in items]
@@ -132,8 +151,9 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tupl
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(encoded), SCORING_ROWS):
         chunk = encoded[start : start + SCORING_ROWS]
-        tokens, mask = pad_batch([ids for ids, _ in chunk], [s for _, s in chunk], pad_id)
-        values = answer_logprobs(model, tokens, mask)  # (rows,)
+        tokens, _ = pad_batch([ids for ids, _ in chunk], [s for _, s in chunk], pad_id)
+        # Target t is token t+1: answer tokens start..len-1 are targets start-1..len-2.
+        values = window_logprobs(model, tokens, [(s - 1, len(ids) - 1) for ids, s in chunk])  # (rows,)
         mx.eval(values)
         logps += values.tolist()
     return logps, [(start, len(ids) - start) for ids, start in encoded]

@@ -8,6 +8,7 @@ import sys
 import time
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mipo_mlx import sampling
@@ -101,36 +102,36 @@ def test_reference_logps_equal_a_fresh_full_forward(tmp_path, tiny_model_dirs, p
 
 def test_same_seed_same_pairs_and_a_killed_run_resumes_exactly(tmp_path, tiny_model_dirs, prompts_file, monkeypatch):
     model_dir = tiny_model_dirs[("llama", False)]
-    clean = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2", name="clean")
+    clean = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context", "sampling.batch_size=2", name="clean")
     run_stages(clean, ["sample"])
     expected = (clean.dir / "pairs.jsonl").read_text()
 
-    killed = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2", name="killed")
-    real_generate, calls = sampling.generate_chunk, []
+    killed = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context", "sampling.batch_size=2", name="killed")
+    real_stream = sampling.answer_stream
 
-    def dies_on_third_chunk(*args):
-        calls.append(args[-1])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_generate(*args)
+    def dies_after_ten_answers(*args):
+        for count, answer in enumerate(real_stream(*args)):
+            if count == 10:  # of 12: the first group of pairs is written, the second not
+                raise KeyboardInterrupt
+            yield answer
 
-    monkeypatch.setattr(sampling, "generate_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(sampling, "answer_stream", dies_after_ten_answers)
     with pytest.raises(KeyboardInterrupt):
         run_stages(killed, ["sample"])
     written = (killed.dir / "pairs.jsonl").read_text()
     assert 0 < len(written) < len(expected) and expected.startswith(written)
     with open(killed.dir / "pairs.jsonl", "a") as f:
         f.write('{"prompt": [{"role": "user", "con')  # a kill in the middle of a line
-    monkeypatch.setattr(sampling, "generate_chunk", real_generate)
-    run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt", "sampling.batch_size=2",
+    monkeypatch.setattr(sampling, "answer_stream", real_stream)
+    run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context", "sampling.batch_size=2",
                         name="killed"), ["sample"])
     assert (killed.dir / "pairs.jsonl").read_text() == expected
 
     # A finished file is never rewritten: a rerun appends nothing and generates nothing.
     before = (clean.dir / "pairs.jsonl").stat().st_mtime_ns
-    summary = run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=random_prompt",
+    summary = run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context",
                                   "sampling.batch_size=2", name="clean"), ["sample"])
-    assert summary["sample"]["generated_chunks"] == 0
+    assert summary["sample"]["generated_answers"] == 0
     assert (clean.dir / "pairs.jsonl").stat().st_mtime_ns == before
 
 
@@ -167,7 +168,7 @@ def kill_after_lines(child, path, lines, timeout=120):
 
 
 def test_sample_command_killed_with_sigkill_resumes_to_the_clean_pairs(tmp_path, tiny_model_dirs, start_sample):
-    # drop_context with batch 2: one pair per chunk, so the run is many short steps and a kill lands mid-run.
+    # drop_context with batch 2: many short steps, so a kill lands mid-run.
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{q} ({i})", "context": c}) + "\n"
                                for i, (c, q) in enumerate(PROFILES * 6)))
@@ -296,15 +297,16 @@ def test_the_second_personalization_set_shares_no_profile_kind_or_question_with_
 
 
 def test_nucleus_sampler_draws_from_mlx_lm_distribution_including_wide_nuclei():
-    from mipo_mlx.generation import NUCLEUS_CANDIDATES, SamplerSettings
+    from mipo_mlx.generation import NUCLEUS_CANDIDATES, SamplerSettings, draw_tokens, uniforms
 
     vocab, draws, temperature, top_p = 4 * NUCLEUS_CANDIDATES, 4000, 0.7, 0.9
     peaked = -0.05 * mx.arange(vocab, dtype=mx.float32)  # nucleus of a few dozen tokens
     flat = -1e-5 * mx.arange(vocab, dtype=mx.float32)  # nucleus of ~3700 tokens, wider than the candidates
     logits = mx.stack([peaked, flat] * (draws // 2))
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (draws, vocab)
-    mx.random.seed(0)
-    tokens = SamplerSettings(temperature, top_p, 8).sampler()(logprobs)  # (draws,)
+    # One uniform per row, from the counter-based noise generation uses (row seeds 0.., position 0).
+    noise = mx.array(uniforms(np.arange(draws, dtype=np.uint64), np.zeros(draws, dtype=np.int64)))
+    tokens = draw_tokens(logprobs, noise, SamplerSettings(temperature, top_p, 8))  # (draws,)
     peaked_tokens, flat_tokens = tokens[0::2].tolist(), tokens[1::2].tolist()
 
     # mlx-lm's definition: keep a token while the mass of the more likely ones is under top_p, then temper.
