@@ -4,7 +4,8 @@
     checked = preflight(recipe, resume=False, stages=["sample", "train", "compare"])   # or a UserError
 
 `mipo-mlx train` and `sample` call it before the run directory is made; `eval`, `info`,
-`convert` and `export` call the checks that concern them (check_model, check_output_folder).
+`convert` and `export` call the checks that concern them (check_model, check_output_folder,
+check_adapter).
 Each mistake is one UserError naming the file, key or flag and the fix. It checks:
 
 - the output folder and the run directory: output_dir is a folder that can be written,
@@ -44,7 +45,7 @@ from mipo_mlx.errors import UserError, read_user_text, rekeyed
 from mipo_mlx.files import gguf_header, safetensors_header
 from mipo_mlx.model_sources import EMBEDDED_MODELS, cached_snapshot, embedded_model_path
 from mipo_mlx.recipe import MOST_LAYERS, is_hub_id, read_yaml
-from mipo_mlx.rundir import RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
+from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
 
 REDOWNLOAD = "download or convert the model again"
 DAMAGED_RUN = "the run directory is damaged: start a new run with --set run_name=NEW"
@@ -237,6 +238,20 @@ def check_safetensors(path: Path, key: str) -> dict:
         return safetensors_header(path)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: {error}; the file is truncated or damaged; {REDOWNLOAD}", key=key) from None
+
+
+def check_adapter(directory: Path, key: str, fix: str) -> None:
+    """An adapter directory's two files read: the safetensors header against the file, the config a JSON object."""
+    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            raise UserError(f"{directory} has no {path.name}; {fix}", key=key)
+    try:
+        safetensors_header(weights)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{weights}: {error}; {fix}", key=key) from None
+    if not isinstance(read_json_file(config, key, fix), dict):
+        raise UserError(f"{config}: not an adapter config; {fix}", key=key)
 
 
 def check_tokenizer_files(path: Path, key: str) -> None:
