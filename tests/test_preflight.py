@@ -184,7 +184,19 @@ def test_model_sources_name_the_key_or_flag_that_gave_them(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match=r"^--judge-model: .*notes.txt is a file, not an mlx-lm model directory"):
         check_model(str(tmp_path / "notes.txt"), key="--judge-model")
-    assert check_model("smollm2-135m", key="model.path") is None  # the embedded GGUF: no config read yet
+    embedded = check_model("smollm2-135m", key="model.path")  # a GGUF file: its architecture and layer tensors
+    assert embedded.config == {"model_type": "llama"} and len(embedded.shapes) == 30 * 9
+    assert embedded.shapes["model.layers.29.self_attn.q_proj.weight"] == [576, 576]
+
+
+def test_lora_keys_of_a_gguf_model_are_checked_before_it_loads():
+    embedded = check_model("smollm2-135m", key="model.path")
+    check_lora_keys(embedded, LoraConfig())
+    with pytest.raises(UserError, match=r"^lora.keys\[0\]: 'self_attn.q_prj' is no module of a llama layer; did you "
+                                        r"mean 'self_attn.q_proj'\?"):
+        check_lora_keys(embedded, LoraConfig(keys=["self_attn.q_prj"]))
+    with pytest.raises(UserError, match=r"'input_layernorm' is not a linear module"):
+        check_lora_keys(embedded, LoraConfig(keys=["input_layernorm"]))
 
 
 def test_preflight_imports_no_mlx_lm_or_transformers(tmp_path):
