@@ -189,6 +189,13 @@ def test_model_sources_name_the_key_or_flag_that_gave_them(tmp_path):
     assert embedded.shapes["model.layers.29.self_attn.q_proj.weight"] == [576, 576]
 
 
+def test_preflight_names_a_gguf_file_s_layer_tensors_as_the_gguf_loader_does():
+    from mipo_mlx.gguf import LAYER_NAMES
+    from mipo_mlx.model_sources import GGUF_LAYER_NAMES
+
+    assert GGUF_LAYER_NAMES == LAYER_NAMES  # until gguf.py imports the table that needs no MLX
+
+
 def test_lora_keys_of_a_gguf_model_are_checked_before_it_loads():
     embedded = check_model("smollm2-135m", key="model.path")
     check_lora_keys(embedded, LoraConfig())
