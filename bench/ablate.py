@@ -36,6 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p  # noqa: E402
 from mipo_mlx.recipe import load_recipe, recipe_to_dict  # noqa: E402
+from mipo_mlx.report import read_outputs  # noqa: E402
+from mipo_mlx.rundir import COMPARE_DIR, METRICS_FILE, PAIRS_FILE, RECIPE_FILE  # noqa: E402
 
 # name -> (recipe overrides, metric of compare/metrics.json, per-row value in compare/answers.jsonl)
 YARDSTICKS = {
@@ -81,13 +83,13 @@ def sampling_key(recipe_path: str, overrides: dict) -> str:
 
 def run_once(mipo: str, recipe: str, overrides: dict, run_dir: Path, pairs_from: Path | None, log: Path) -> float:
     """One `mipo-mlx train` run (resumed when it was cut short); its wall-clock seconds."""
-    metrics = run_dir / "compare" / "metrics.json"
+    metrics = run_dir / COMPARE_DIR / METRICS_FILE
     if metrics.is_file():
         return json.loads((run_dir / "sweep_seconds").read_text()) if (run_dir / "sweep_seconds").is_file() else 0.0
-    started_before = (run_dir / "recipe.yaml").is_file()
+    started_before = (run_dir / RECIPE_FILE).is_file()
     if not started_before and pairs_from is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(pairs_from, run_dir / "pairs.jsonl")
+        shutil.copy(pairs_from, run_dir / PAIRS_FILE)
     command = [mipo, "train", recipe, *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")],
                "--set", f"output_dir={run_dir.parent}", "--set", f"run_name={run_dir.name}"]
     if started_before:
@@ -111,10 +113,9 @@ def row_value(row: dict, metric: str, side: str) -> float:
 
 
 def read_run(run_dir: Path, metric: str) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "compare" / "answers.jsonl").read_text().split("\n") if line]
+    metrics, rows = read_outputs(run_dir / COMPARE_DIR)
     rows = [r for r in rows if (metric.startswith("accuracy/") and "correct" in r) or
             (metric.startswith("adherence/") and r["checks"]["base"])]
-    metrics = json.loads((run_dir / "compare" / "metrics.json").read_text())
     pmi = metrics.get("mutual_information/pmi", {})
     return {
         "ids": [r["id"] for r in rows],
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
                 run_dir = args.out / "runs" / f"{yardstick}-{slug(name)}-s{seed}"
                 print(f"ablate: {yardstick} / {name} / seed {seed}: {run_dir}", flush=True)
                 seconds.append(run_once(args.mipo_mlx, args.recipe, overrides, run_dir, sampled.get(key), log))
-                sampled.setdefault(key, run_dir / "pairs.jsonl")
+                sampled.setdefault(key, run_dir / PAIRS_FILE)
                 runs.append(read_run(run_dir, metric))
             summary = summarize_point(runs, first)
             first = first or runs

@@ -30,7 +30,7 @@ from mipo_mlx.data import READERS, read_prompts
 from mipo_mlx.errors import UserError, rekeyed
 from mipo_mlx.judge import load_judge, load_named
 from mipo_mlx.lora import load_adapter
-from mipo_mlx.preflight import check_model, check_output_folder
+from mipo_mlx.preflight import check_adapter, check_model, check_output_folder
 from mipo_mlx.recipe import BUNDLED_PREFIX, DataConfig, EvalConfig, field_value
 from mipo_mlx.report import report_summary, write_outputs
 from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, METRICS_FILE, REPORT_FILE
@@ -106,6 +106,8 @@ def run(args) -> int:
         raise UserError(f"file not found: {args.data}; give a JSONL file or a bundled set such as bundled:math/test",
                         key="--data")
     adapter = adapter_directory(args.adapter) if args.adapter else None
+    if adapter is not None:
+        check_adapter(adapter, "--adapter", "the adapter is truncated or damaged; give one that mipo-mlx train or mlx-lm wrote")
     try:
         records = read_prompts(args.data, args.format, args.on_bad_line, key="--data",
                                skip_with="pass --on-bad-line skip")[: eval_config.max_prompts]

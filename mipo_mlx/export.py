@@ -44,13 +44,13 @@ from mipo_mlx.chat import encode_answer
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.convert import write_model_dir
 from mipo_mlx.errors import UserError
-from mipo_mlx.files import atomic_folder, remove_staging, safetensors_header
+from mipo_mlx.files import atomic_folder, remove_staging
 from mipo_mlx.model_card import CardInputs, write_card
 from mipo_mlx.loading import is_quantized, load_recipe_model
 from mipo_mlx.lora import load_adapter
 from mipo_mlx.model_sources import EMBEDDED_MODELS, embedded_model_path
 from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
-from mipo_mlx.preflight import check_model, check_output_folder, read_json_file
+from mipo_mlx.preflight import check_adapter, check_model, check_output_folder
 from mipo_mlx.recipe import is_hub_id
 from mipo_mlx.rundir import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, PAIRS_FILE, RECIPE_FILE, Run, read_pairs, reopen_run,
@@ -179,13 +179,7 @@ def check_export(run: Run, out: Path, formats: list[str], keep_quantized: bool) 
         raise UserError(
             f"{adapter_dir} holds no trained adapter; finish the run first (mipo-mlx train RECIPE --resume)", key="RUN_DIR"
         )
-    damaged = "the run's adapter is damaged; train it again (mipo-mlx train RECIPE --resume)"
-    try:
-        safetensors_header(adapter_dir / ADAPTER_WEIGHTS)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: {error}; {damaged}", key="RUN_DIR") from None
-    if not isinstance(read_json_file(adapter_dir / ADAPTER_CONFIG, "RUN_DIR", damaged), dict):
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not an adapter config; {damaged}", key="RUN_DIR")
+    check_adapter(adapter_dir, "RUN_DIR", "the run's adapter is damaged; train it again (mipo-mlx train RECIPE --resume)")
     try:
         check_model(run.recipe.model.path, key="model.path", revision=run.recipe.model.revision)
     except UserError as error:

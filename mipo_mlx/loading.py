@@ -27,6 +27,7 @@ from mlx_lm.utils import _get_classes, dequantize_model, load_model as mlx_lm_lo
 from mipo_mlx.errors import UserError
 from mipo_mlx.gguf import load_gguf
 from mipo_mlx.model_sources import EMBEDDED_MODELS, embedded_model_path
+from mipo_mlx.preflight import check_gguf
 from mipo_mlx.recipe import is_hub_id
 
 logger = logging.getLogger("mipo_mlx")
@@ -135,8 +136,7 @@ def load_model(spec: str, *, compute: str = "auto", revision: str | None = None)
         model, tokenizer, config = load_gguf(embedded_model_path(spec))
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {spec}", key="model.path")
+        check_gguf(path, key="model.path")  # a damaged file crashes MLX's reader: read its header in Python first
         model, tokenizer, config = load_gguf(path)
     elif Path(spec).expanduser().exists():
         model, tokenizer, config = _load_directory(Path(spec).expanduser())

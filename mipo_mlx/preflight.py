@@ -4,7 +4,8 @@
     checked = preflight(recipe, resume=False, stages=["sample", "train", "compare"])   # or a UserError
 
 `mipo-mlx train` and `sample` call it before the run directory is made; `eval`, `info`,
-`convert` and `export` call the checks that concern them (check_model, check_output_folder).
+`convert` and `export` call the checks that concern them (check_model, check_output_folder,
+check_adapter).
 Each mistake is one UserError naming the file, key or flag and the fix. It checks:
 
 - the output folder and the run directory: output_dir is a folder that can be written,
@@ -22,7 +23,8 @@ Each mistake is one UserError naming the file, key or flag and the fix. It check
   every model*.safetensors header against its file (dtype, shape and byte range of every
   tensor), the tokenizer files; then the LoRA keys against the modules of the layers that
   get LoRA, as the weights' names give them (model.layers.N.PATH.weight: PATH is linear
-  when its weight has two dimensions or more). A .gguf file is checked for being a file.
+  when its weight has two dimensions or more). A .gguf file: its header, metadata and
+  tensor table, read in Python, every tensor's type, shape and byte range against the file.
 
 It reads the data and the headers, not the weights, and imports no mlx-lm or transformers
 (seconds of imports): the quickstart's preflight, imports and all, takes well under a
@@ -40,10 +42,10 @@ from pathlib import Path
 
 from mipo_mlx.data import check_negatives, read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
-from mipo_mlx.files import safetensors_header
-from mipo_mlx.model_sources import EMBEDDED_MODELS, cached_snapshot, embedded_model_path
+from mipo_mlx.files import gguf_header, safetensors_header
+from mipo_mlx.model_sources import EMBEDDED_MODELS, GGUF_LAYER_NAMES, cached_snapshot, embedded_model_path
 from mipo_mlx.recipe import MOST_LAYERS, is_hub_id, read_yaml
-from mipo_mlx.rundir import RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
+from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
 
 REDOWNLOAD = "download or convert the model again"
 DAMAGED_RUN = "the run directory is damaged: start a new run with --set run_name=NEW"
@@ -52,7 +54,8 @@ LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")  # a module's w
 
 @dataclass
 class ModelFiles:
-    """What check_model read of a model directory: its config.json and the shape of every tensor."""
+    """What check_model read of a model: its config.json (of a GGUF file: its architecture) and the shape of every
+    tensor (of a GGUF file: of the layers' tensors, under mlx-lm's names)."""
 
     config: dict
     shapes: dict[str, list[int]]
@@ -64,7 +67,7 @@ class Checked:
 
     train_prompts: int
     test_prompts: int | None
-    model_config: dict | None  # the model's HF-style config.json, when read without loading (not yet for a .gguf)
+    model_config: dict | None  # the model's HF-style config.json ({"model_type"} alone for a .gguf), read without loading
     seconds: float
     resume: ResumePoint | None = None  # where a run that exists stands (None: a new run)
 
@@ -89,11 +92,10 @@ def preflight(recipe, *, resume: bool | None, stages: list[str]) -> Checked:
     judge = recipe.eval.judge_model
     if "compare" in stages and judge and judge != recipe.model.path:
         check_model(judge, key="eval.judge_model")
-    if model is not None:
-        check_lora_keys(model, recipe.lora)
+    check_lora_keys(model, recipe.lora)
     if "sample" in stages:
         check_negatives(train[: data.max_prompts] if data.max_prompts else train, recipe.sampling.negative)
-    return Checked(len(train), len(test) if test else None, model.config if model else None,
+    return Checked(len(train), len(test) if test else None, model.config,
                    time.perf_counter() - started, resumed)
 
 
@@ -140,8 +142,8 @@ def check_run_folder(recipe, resume: bool | None, stages: list[str]) -> ResumePo
     return point
 
 
-def check_model(spec: str, *, key: str, revision: str | None = None) -> ModelFiles | None:
-    """Check the model `spec` names without loading its weights; what was read of it, when it has a config.json.
+def check_model(spec: str, *, key: str, revision: str | None = None) -> ModelFiles:
+    """Check the model `spec` names without loading its weights; what was read of it.
 
     The sources are load_model's (mipo_mlx/loading.py): the embedded name, a .gguf file,
     an mlx-lm model directory, a Hub id. A mistake names `key`, the key or flag that gave `spec`.
@@ -169,13 +171,30 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> ModelFil
                     "(owner/name)", key=key)
 
 
-def check_gguf(path: Path, key: str) -> None:
-    """A .gguf model is a file (its header and tensor table are read by the GGUF loader)."""
+def check_gguf(path: Path, key: str) -> ModelFiles:
+    """A .gguf model file whose header, metadata and tensor table read, every tensor within the file.
+
+    Read in Python (files.gguf_header) before MLX's GGUF reader sees the file: that reader
+    trusts the file's counts and offsets, and a damaged one crashes the process. What is
+    read: the architecture as config's model_type and the layers' tensors under mlx-lm's
+    names (for check_lora_keys).
+    """
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a .gguf file", key=key)
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}", key=key)
-    return None
+    try:
+        header = gguf_header(path)
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise UserError(f"{path}: not a readable GGUF file: {reason}; the file is truncated or damaged: download or "
+                        "convert it again", key=key) from None
+    shapes = {}
+    for name, (_, shape) in header.tensors.items():
+        parts = name.split(".")  # blk.N.KIND.weight
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in GGUF_LAYER_NAMES:
+            shapes[f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.weight"] = shape
+    return ModelFiles({"model_type": str(header.metadata.get("general.architecture", "GGUF"))}, shapes)
 
 
 def read_json_file(path: Path, key: str, fix: str):
@@ -226,6 +245,20 @@ def check_safetensors(path: Path, key: str) -> dict:
         return safetensors_header(path)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: {error}; the file is truncated or damaged; {REDOWNLOAD}", key=key) from None
+
+
+def check_adapter(directory: Path, key: str, fix: str) -> None:
+    """An adapter directory's two files read: the safetensors header against the file, the config a JSON object."""
+    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            raise UserError(f"{directory} has no {path.name}; {fix}", key=key)
+    try:
+        safetensors_header(weights)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{weights}: {error}; {fix}", key=key) from None
+    if not isinstance(read_json_file(config, key, fix), dict):
+        raise UserError(f"{config}: not an adapter config; {fix}", key=key)
 
 
 def check_tokenizer_files(path: Path, key: str) -> None:

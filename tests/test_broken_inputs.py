@@ -1,7 +1,7 @@
 """Broken inputs: every case of tests/broken_inputs/cases.yaml, run through the real CLI.
 
 Each case puts its files (recipes and data files of tests/broken_inputs/, a damaged tiny
-model directory, a run directory started with a recipe) in a fresh folder, runs `python -m mipo_mlx.cli ...` there and checks
+model directory or GGUF file, a run directory started with a recipe) in a fresh folder, runs `python -m mipo_mlx.cli ...` there and checks
 what the README promises for any mistake: exit status 2, exactly one line on stderr and
 nothing on stdout, no traceback, and every file that was there byte-identical with no new
 folder left behind. Preflight catches them all before a model is loaded.
@@ -36,7 +36,8 @@ def mipo_mlx(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProc
 
 
 def damage_model(model: Path, damage: dict) -> None:
-    """Apply a case's `model:` operations to a copy of a tiny model directory."""
+    """Apply a case's `model:` (or `gguf:`) operations to the files of a folder; truncate to a negative size cuts
+    that many bytes off the end."""
     for old, new in damage.get("rename", {}).items():
         (model / old).rename(model / new)
     for name in damage.get("delete", []):
@@ -45,14 +46,23 @@ def damage_model(model: Path, damage: dict) -> None:
         (model / name).write_text(text, encoding="utf-8")
     for name, size in damage.get("truncate", {}).items():
         with open(model / name, "r+b") as file:
-            file.truncate(size)
+            file.truncate(size if size >= 0 else (model / name).stat().st_size + size)
     for name, (offset, text) in damage.get("patch", {}).items():
         with open(model / name, "r+b") as file:
             file.seek(offset)
             file.write(text.encode())
 
 
-def prepare(case: dict, folder: Path, tiny_model: Path) -> None:
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny Llama GGUF file (Q4_0 layers) as llama.cpp writes one."""
+    from gguf_fixtures import write_tiny_gguf
+
+    path, _ = write_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "model.gguf", "llama", "Q4_0")
+    return path
+
+
+def prepare(case: dict, folder: Path, tiny_model: Path, tiny_gguf: Path) -> None:
     files = case.get("files", {})
     if isinstance(files, list):
         files = {Path(source).name: source for source in files}
@@ -72,6 +82,9 @@ def prepare(case: dict, folder: Path, tiny_model: Path) -> None:
     if "model" in case:
         shutil.copytree(tiny_model, folder / "model")
         damage_model(folder / "model", case["model"])
+    if "gguf" in case:
+        shutil.copyfile(tiny_gguf, folder / "model.gguf")
+        damage_model(folder, case["gguf"])
 
 
 def snapshot(folder: Path) -> dict:
@@ -89,6 +102,10 @@ def test_the_corpus_has_every_kind_of_case_and_uses_every_file():
     kinds = {case_id.split("-")[0] for case_id in ids}
     assert {"recipe", "set", "data", "model", "output", "run", "resume", "checkpoint", "eval", "info", "convert",
             "export", "push"} <= kinds
+    # Model files: empty, truncated and corrupt, of both formats MLX reads.
+    for damaged in ("empty-gguf", "gguf-truncated", "gguf-garbage", "empty-safetensors", "safetensors-header-truncated",
+                    "safetensors-header-garbage"):
+        assert any(damaged in case_id for case_id in ids), damaged
     used = set()
     for case in CASES:
         files = case.get("files", {})
@@ -98,10 +115,10 @@ def test_the_corpus_has_every_kind_of_case_and_uses_every_file():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
-def test_broken_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, tiny_model_dirs):
+def test_broken_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, tiny_model_dirs, tiny_gguf):
     folder = tmp_path / "work"
     folder.mkdir()
-    prepare(case, folder, tiny_model_dirs[("llama", False)])
+    prepare(case, folder, tiny_model_dirs[("llama", False)], tiny_gguf)
     before = snapshot(folder)
 
     result = mipo_mlx(shlex.split(case["run"]), folder, tmp_path / "hf-home")
