@@ -28,9 +28,8 @@ the cache objects and the loop are ours):
   allows (`auto_batch_size`): on a CPU a decode step at batch 64 gives ~3x the tokens/s of
   batch 16, per-op overhead on small matrices being what limits batch 16;
 - its sampler state is one stream for the whole batch, so an answer depends on its batch.
-The sampler restricts the nucleus to the NUCLEUS_CANDIDATES most likely tokens when it lies
-within them (nearly always): a full-vocabulary sort per step costs more than a batch-16
-forward on a CPU; wider rows take the full sort.
+The sampler runs on the host in numpy (draw_tokens says why) and sorts only the tokens
+that can be in the nucleus.
 """
 
 import os
@@ -45,7 +44,6 @@ from mlx.utils import tree_flatten
 from mipo_mlx.scoring import plain_head
 from mipo_mlx.seeds import derived_seed
 
-NUCLEUS_CANDIDATES = 1024
 # Attention reads the cache up to the batch's furthest position rounded up to this: the
 # width changes every WIDTH_STEP tokens, not every token, and unused columns are not read.
 WIDTH_STEP = 64
@@ -81,48 +79,42 @@ def uniforms(row_seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return ((x >> np.uint64(40)).astype(np.float64) / 2**24).astype(np.float32)
 
 
-def _inverse_cdf(weights: mx.array, u: mx.array) -> mx.array:
-    """Index drawn from unnormalized weights (B, K) with uniforms u (B,): (B,)."""
-    cdf = mx.cumsum(weights, axis=-1)
-    index = (cdf < u[:, None] * cdf[:, -1:]).sum(axis=-1)
-    return mx.minimum(index, weights.shape[-1] - 1)
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """Index drawn from unnormalized weights (K,) with a uniform u."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(weights) - 1)
 
 
-def _nucleus_draw(logprobs: mx.array, u: mx.array, k: int, temperature: float, top_p: float):
-    """mlx-lm's top_p then temperature draw among each row's k most likely tokens; (tokens, whether k covered top_p)."""
-    if k < logprobs.shape[-1]:
-        candidates = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]  # (B, k), unordered
-    else:
-        candidates = mx.broadcast_to(mx.arange(k), logprobs.shape)
-    values = mx.take_along_axis(logprobs, candidates, axis=-1)
-    order = mx.argsort(-values, axis=-1)  # (B, k), most likely first
-    candidates, values = mx.take_along_axis(candidates, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
-    probs = mx.exp(values)
-    mass_above = mx.cumsum(probs, axis=-1) - probs  # (B, k): mass of the more likely candidates
-    # A token is kept while the mass above it is under top_p (of a total of 1: log-probs are normalized).
-    weights = mx.where(mass_above < top_p, mx.exp((values - values[:, :1]) * (1.0 / temperature)), 0.0)
-    # The draw walks the kept tokens in vocabulary order, not by rank: two nearly equally likely
-    # tokens whose ranks a rounding difference swaps then still give the same draw.
-    by_id = mx.argsort(candidates, axis=-1)
-    candidates, weights = mx.take_along_axis(candidates, by_id, axis=-1), mx.take_along_axis(weights, by_id, axis=-1)
-    tokens = mx.take_along_axis(candidates, _inverse_cdf(weights, u)[:, None], axis=-1)[:, 0]
-    return tokens, mass_above[:, -1] + probs[:, -1] >= top_p
+def draw_tokens(logits: mx.array, u: np.ndarray, settings: SamplerSettings) -> np.ndarray:
+    """Tokens (B,) from last-position logits (B, V) and one uniform per row (B,), by the settings' sampler.
 
-
-def draw_tokens(logits: mx.array, u: mx.array, settings: SamplerSettings) -> mx.array:
-    """Tokens (B,) from last-position logits (B, V) and one uniform per row (B,), by the settings' sampler."""
+    mlx-lm's sampler: top_p on the untempered distribution (a token is kept while the mass
+    of the more likely ones is under top_p), then a temperature draw among the kept. On the
+    host in numpy, row by row: MLX's CPU exp over a (64, 49152) batch takes longer than the
+    rest of a decode step's sampling together, numpy's is ~20x faster, and the logits
+    must come to the host anyway to see which rows stopped.
+    """
     if settings.temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    logprobs = logits.astype(mx.float32)
-    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-    vocab = logprobs.shape[-1]
-    if settings.top_p >= 1.0:  # mlx-lm treats top_p 1.0 as off: the whole vocabulary, in token order
-        return _inverse_cdf(mx.exp((logprobs - logprobs.max(axis=-1, keepdims=True)) * (1.0 / settings.temperature)), u)
-    tokens, covered = _nucleus_draw(logprobs, u, min(NUCLEUS_CANDIDATES, vocab), settings.temperature, settings.top_p)
-    wide = [row for row, ok in enumerate(covered.tolist()) if not ok]
-    if wide:  # rows whose nucleus is wider than the candidates: the full sort
-        rows = mx.array(wide)
-        tokens[rows] = _nucleus_draw(logprobs[rows], u[rows], vocab, settings.temperature, settings.top_p)[0]
+        return np.array(mx.argmax(logits, axis=-1))
+    scaled = np.array(logits.astype(mx.float32))
+    scaled -= scaled.max(axis=-1, keepdims=True)  # (B, V): 0 for each row's most likely token
+    mass = np.exp(scaled)  # unnormalized probabilities
+    tokens = np.empty(len(scaled), dtype=np.int64)
+    for row in range(len(scaled)):
+        if settings.top_p >= 1.0:  # mlx-lm treats top_p 1.0 as off: the whole vocabulary
+            kept = np.arange(scaled.shape[1])
+        else:
+            # Tokens under this share of the row's mass hold at most 1 - top_p of it all
+            # together, so the nucleus lies among the others: sort only those.
+            total = mass[row].sum(dtype=np.float64)
+            candidates = np.flatnonzero(mass[row] >= (1.0 - settings.top_p) * total / len(mass[row]))
+            by_rank = candidates[np.argsort(-mass[row, candidates], kind="stable")]
+            above = np.cumsum(mass[row, by_rank], dtype=np.float64) - mass[row, by_rank]
+            # Kept tokens in vocabulary order, not by rank: two nearly equally likely tokens
+            # whose ranks a rounding difference swaps still give the same draw.
+            kept = np.sort(by_rank[above < settings.top_p * total])
+        weights = np.exp(scaled[row, kept] * (1.0 / settings.temperature))
+        tokens[row] = kept[_inverse_cdf(weights, float(u[row]))]
     return tokens
 
 
@@ -233,17 +225,17 @@ class BatchDecoder:
         caches = self._caches(len(indices), start, start + longest)
         return caches, self._forward(mx.array(inputs), caches, mx.array([len(s) - 1 for s in suffixes]))
 
-    def _draw(self, logits: mx.array, rows: list) -> mx.array:
+    def _draw(self, logits: mx.array, rows: list) -> np.ndarray:
         seeds = np.array([row.seed if row else 0 for row in rows], dtype=np.uint64)
         positions = np.array([len(row.tokens) if row else 0 for row in rows])
-        return draw_tokens(logits, mx.array(uniforms(seeds, positions)), self.settings)
+        return draw_tokens(logits, uniforms(seeds, positions), self.settings)
 
     def steps(self) -> Iterator[list[tuple[int, int | None, str | None]]]:
         """Per step, each live row's (prompt index, its new token or None at a stop, finish reason or None)."""
         queue = deque(range(len(self.prompts)))
         rows: list[_Row | None] = []
         caches: list[RowsCache] = []
-        tokens = None  # (B,): each row's last sampled token
+        tokens = None  # (B,) numpy: each row's last sampled token
         while True:
             free = [slot for slot, row in enumerate(rows) if row is None] if rows else list(range(self.batch_size))
             if queue and free:
@@ -258,7 +250,7 @@ class BatchDecoder:
                     at = mx.array(slots)
                     for cache, new in zip(caches, new_caches):
                         cache.keys[at], cache.values[at] = new.keys, new.values
-                    tokens[at] = new_tokens
+                    tokens[slots] = new_tokens
                     for slot, row in zip(slots, new_rows):
                         rows[slot] = row
             elif free and len(free) >= len(rows) - len(free):
@@ -267,7 +259,7 @@ class BatchDecoder:
                 keep = mx.array(live)
                 for cache in caches:
                     cache.keys, cache.values = cache.keys[keep], cache.values[keep]
-                rows, tokens = [rows[slot] for slot in live], tokens[keep]
+                rows, tokens = [rows[slot] for slot in live], tokens[live]
             # The sampled tokens to the host: which rows stopped, which reached max_tokens.
             report, sampled = [], tokens.tolist()
             for slot, row in enumerate(rows):
@@ -292,7 +284,8 @@ class BatchDecoder:
             columns = [row.length + len(row.tokens) - 1 if row else 0 for row in rows]
             for cache in caches:
                 cache.offset, cache.width = mx.array(columns), _round_up(max(columns) + 1, WIDTH_STEP)
-            tokens = self._draw(self._forward(tokens[:, None], caches, mx.zeros(len(rows), dtype=mx.int32)), rows)
+            logits = self._forward(mx.array(tokens)[:, None], caches, mx.zeros(len(rows), dtype=mx.int32))
+            tokens = self._draw(logits, rows)
 
 
 def answer_stream(model, tokenizer, prompts: list[list[int]], settings: SamplerSettings, seed: int, keys: list,
