@@ -188,13 +188,14 @@ class BatchDecoder:
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], settings: SamplerSettings, seed: int,
                  keys: list, batch_size: int):
-        self.model, self.settings, self.prompts = model, settings, prompts
+        self.model, self.tokenizer, self.settings, self.prompts = model, tokenizer, settings, prompts
+        self.generated_tokens = 0
         self.seeds = [derived_seed(seed, "answer", key) for key in keys]
         self.stop = set(tokenizer.eos_token_ids)
         self.batch_size = max(1, min(batch_size, len(prompts)))
-        self.capacity = _round_up(max(len(p) for p in prompts) + settings.max_tokens, WIDTH_STEP)
+        self.capacity = _round_up(max((len(p) for p in prompts), default=0) + settings.max_tokens, WIDTH_STEP)
         self.head = plain_head(model)
-        self.prefix = shared_prefix(prompts)
+        self.prefix = shared_prefix(prompts) if prompts else []
         self.prefix_kv = None
         if self.prefix:
             caches = self._caches(1, 0, len(self.prefix))
@@ -230,8 +231,21 @@ class BatchDecoder:
         positions = np.array([len(row.tokens) if row else 0 for row in rows])
         return draw_tokens(logits, uniforms(seeds, positions), self.settings)
 
+    def answers(self) -> Iterator[tuple[int, Answer]]:
+        """(prompt index, answer) for each prompt, as each answer ends."""
+        tokens: dict[int, list[int]] = {}
+        for report in self.steps():
+            for index, token, finish in report:
+                if token is not None:
+                    tokens.setdefault(index, []).append(token)
+                if finish is not None:
+                    ids = tokens.pop(index, [])
+                    yield index, Answer(self.tokenizer.decode(ids), ids, finish)
+
     def steps(self) -> Iterator[list[tuple[int, int | None, str | None]]]:
         """Per step, each live row's (prompt index, its new token or None at a stop, finish reason or None)."""
+        if not self.prompts:
+            return
         queue = deque(range(len(self.prompts)))
         rows: list[_Row | None] = []
         caches: list[RowsCache] = []
@@ -275,6 +289,7 @@ class BatchDecoder:
                     report.append((row.index, token, None))
                     continue
                 rows[slot] = None
+            self.generated_tokens += len(report)
             yield report
             if all(row is None for row in rows):
                 if not queue:
@@ -291,16 +306,7 @@ class BatchDecoder:
 def answer_stream(model, tokenizer, prompts: list[list[int]], settings: SamplerSettings, seed: int, keys: list,
                   batch_size: int) -> Iterator[tuple[int, Answer]]:
     """(prompt index, answer) for each prompt, as each answer ends; the answer depends on (seed, key) alone."""
-    if not prompts:
-        return
-    tokens: dict[int, list[int]] = {}
-    for report in BatchDecoder(model, tokenizer, prompts, settings, seed, keys, batch_size).steps():
-        for index, token, finish in report:
-            if token is not None:
-                tokens.setdefault(index, []).append(token)
-            if finish is not None:
-                ids = tokens.pop(index, [])
-                yield index, Answer(tokenizer.decode(ids), ids, finish)
+    yield from BatchDecoder(model, tokenizer, prompts, settings, seed, keys, batch_size).answers()
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], settings: SamplerSettings, seed: int,

@@ -8,7 +8,7 @@ the model's answer to a different prompt x' (recipe `sampling.negative`):
 - drop_context: the same question with the user's context left out;
 - swap_context: the same question with another user's context (never an identical one).
 Both are stored as answers to the full prompt x, with log p_base(answer | x) summed over
-answer tokens (scoring.score_answers: chat.encode_answer and scoring.answer_logprobs,
+answer tokens (scoring.score_pairs: chat.encode_answer and scoring.pair_logprobs,
 exactly what the trainer uses), so DPO needs no reference model. The pairs go to
 RUN_DIR/pairs.jsonl as rundir.Pair records, through rundir.PairsWriter.
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
-from mipo_mlx.generation import Answer, SamplerSettings, answer_stream, auto_batch_size
+from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
-from mipo_mlx.scoring import score_answers
+from mipo_mlx.scoring import score_pairs
 from mipo_mlx.seeds import derived_seed
 
 
@@ -111,25 +111,23 @@ class StreamedAnswers:
                  known: dict[str, Answer]):
         self.loaded, self.answers = loaded, dict(known)
         self.todo = list({r.id: r for r in requests if r.id not in known}.values())  # canonical order, no repeats
-        self.generated_answers = self.generated_tokens = 0
+        self.generated_answers = 0
         model, tokenizer = loaded.model, loaded.tokenizer
         prompts = [encode_prompt(tokenizer, r.messages) for r in self.todo]
-        if batch_size is None and prompts:
-            batch_size = auto_batch_size(model, max(len(p) for p in prompts), settings.max_tokens)
-        self.batch_size = batch_size
-        self.stream = answer_stream(model, tokenizer, prompts, settings, seed, [r.id for r in self.todo],
-                                    batch_size or 1)
+        if batch_size is None:
+            batch_size = auto_batch_size(model, max((len(p) for p in prompts), default=1), settings.max_tokens)
+        self.decoder = BatchDecoder(model, tokenizer, prompts, settings, seed, [r.id for r in self.todo], batch_size)
+        self.stream = self.decoder.answers()
 
     def get(self, request: Request) -> Answer:
         while request.id not in self.answers:
             index, answer = next(self.stream)
             self.answers[self.todo[index].id] = answer
             self.generated_answers += 1
-            self.generated_tokens += len(answer.token_ids)
         return self.answers[request.id]
 
 
-def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: list[float], counts: list[tuple[int, int]],
+def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[float, float], tokens: dict,
               sampling, model: str, seed: int) -> Pair:
     """The pairs.jsonl record of a planned pair: its answers, their reference log-probs (chosen, rejected) and counts."""
     return Pair(
@@ -144,7 +142,7 @@ def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: list[floa
             negative_prompt=plan.rejected.messages,
             ref_logps={"chosen": logps[0], "rejected": logps[1]},
             pmi=logps[0] - logps[1],
-            tokens={"prompt": counts[0][0], "chosen": counts[0][1], "rejected": counts[1][1]},
+            tokens=tokens,
             finish={"chosen": _finish(chosen), "rejected": _finish(rejected)},
             requests={"chosen": plan.chosen.id, "rejected": plan.rejected.id},
             sampling={"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens},
@@ -159,11 +157,10 @@ def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe) -> lis
     loaded = answers.loaded
     sides = [(answers.get(plan.chosen), answers.get(plan.rejected)) for plan in plans]
     # Both answers are scored as answers to the full prompt x.
-    items = [(plan.record.messages(), answer.text) for plan, both in zip(plans, sides) for answer in both]
-    logps, counts = score_answers(loaded.model, loaded.tokenizer, items) if items else ([], [])
-    return [make_pair(plan, chosen, rejected, logps[2 * n : 2 * n + 2], counts[2 * n : 2 * n + 2],
-                      recipe.sampling, loaded.source, recipe.seed)
-            for n, (plan, (chosen, rejected)) in enumerate(zip(plans, sides))]
+    items = [(plan.record.messages(), chosen.text, rejected.text) for plan, (chosen, rejected) in zip(plans, sides)]
+    logps, counts = score_pairs(loaded.model, loaded.tokenizer, items)
+    return [make_pair(plan, chosen, rejected, pair_logps, tokens, recipe.sampling, loaded.source, recipe.seed)
+            for plan, (chosen, rejected), pair_logps, tokens in zip(plans, sides, logps, counts)]
 
 
 def drop_reason(pair: Pair, sampling) -> str | None:
@@ -199,7 +196,7 @@ def run_stage(run, load_model) -> dict:
         answers = StreamedAnswers(load_model(), [r for p in todo for r in (p.chosen, p.rejected)], settings,
                                   recipe.seed, sampling.batch_size, known_answers(written))
         run.events.emit("note", level="info", text=f"sampling: {len(answers.todo)} answers to generate, "
-                        f"{answers.batch_size} at a time")
+                        f"{answers.decoder.batch_size} at a time")
     for g in range(first, len(groups)) if todo else []:
         # The whole group is scored, written pairs too, so that its reference pass is the uninterrupted run's.
         for pair in sample_pairs(groups[g], answers, recipe):
@@ -214,12 +211,12 @@ def run_stage(run, load_model) -> dict:
         run.events.emit(
             "progress", stage="sample", done=min((g + 1) * SCORING_PAIRS, len(plans)), total=len(plans),
             unit="pairs", rate=(g - first + 1) * SCORING_PAIRS / elapsed,
-            tokens_per_second=answers.generated_tokens / elapsed,
+            tokens_per_second=answers.decoder.generated_tokens / elapsed,
             eta_seconds=elapsed / (g - first + 1) * (len(groups) - g - 1),
         )
     pairs_file.close()
     summary = {"pairs": len(pairs_file.written), "planned": len(plans), "dropped": dropped,
                "generated_answers": answers.generated_answers if answers else 0,
-               "tokens": answers.generated_tokens if answers else 0}
+               "tokens": answers.decoder.generated_tokens if answers else 0}
     run.events.emit("stage_finished", stage="sample", seconds=time.time() - started, **summary)
     return summary

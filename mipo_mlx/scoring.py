@@ -4,11 +4,12 @@
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
     logps = pair_logprobs(model, *pad_pairs(prompts, chosen + rejected, pad_id))  # (2B,)
     logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
+    logps, counts = score_pairs(model, tokenizer, [(messages, chosen, rejected), ...])  # (chosen, rejected) floats
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
-score_answers (the reference pass at sampling time and of pairs without one before
-training, compare's rewards) runs the vocabulary head on the answer positions only
-(window_logprobs); answer_logprobs scores whole sequences for the trainer and export's
+score_answers (the reference pass of pairs without one before training, compare's rewards)
+runs the vocabulary head on the answer positions only (window_logprobs); score_pairs (the
+reference pass at sampling time) runs each prompt once for both answers; answer_logprobs scores whole sequences for the trainer and export's
 checks. The DPO step scores pairs with pair_logprobs, which runs each
 prompt once for both its answers, where the model allows it: the same log-probs up to
 float rounding (the trainer's first-step check holds them to the stored reference). A
@@ -157,6 +158,31 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tupl
         mx.eval(values)
         logps += values.tolist()
     return logps, [(start, len(ids) - start) for ids, start in encoded]
+
+
+def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]) -> tuple[list[tuple[float, float]], list[dict]]:
+    """log p(chosen | messages) and log p(rejected | messages) for (messages, chosen, rejected) items, and token counts.
+
+    Each prompt runs once for both its answers (pair_logprobs, as the DPO step scores them)
+    where shares_prompts allows it; otherwise score_answers. Counts: {"prompt", "chosen", "rejected"}.
+    """
+    encoded = [[encode_answer(tokenizer, messages, answer) for answer in (chosen, rejected)]
+               for messages, chosen, rejected in items]
+    counts = [{"prompt": c[1], "chosen": len(c[0]) - c[1], "rejected": len(r[0]) - r[1]} for c, r in encoded]
+    if not shares_prompts(model):
+        logps, _ = score_answers(model, tokenizer, [(m, answer) for m, c, r in items for answer in (c, r)])
+        return list(zip(logps[0::2], logps[1::2])), counts
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logps = []
+    for start in range(0, len(encoded), SCORING_ROWS // 2):
+        chunk = encoded[start : start + SCORING_ROWS // 2]
+        prompts = [c[0][: c[1]] for c, _ in chunk]
+        answers = [c[0][c[1] :] for c, _ in chunk] + [r[0][r[1] :] for _, r in chunk]
+        values = pair_logprobs(model, *pad_pairs(prompts, answers, pad_id))  # (2B,): chosen rows, then rejected
+        mx.eval(values)
+        values = values.tolist()
+        logps += list(zip(values[: len(chunk)], values[len(chunk) :]))
+    return logps, counts
 
 
 def shares_prompts(model) -> bool:

@@ -63,9 +63,11 @@ def test_greedy_answers_are_mlx_lm_generates(arch, quantized):
         assert answer.text == generate(model, tokenizer, prompt, max_tokens=20, sampler=make_sampler(0.0))
 
 
-def test_the_shared_prefix_leaves_every_prompt_a_token():
+def test_the_shared_prefix_leaves_every_prompt_a_token_and_an_empty_job_answers_nothing():
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]]) == [1, 2]
     assert shared_prefix([[7, 8], [9]]) == []
+    model, tokenizer = tiny_model("llama")
+    assert generate_answers(model, tokenizer, [], SETTINGS["nucleus"], seed=0) == []
 
 
 def test_pairs_are_byte_identical_at_sampling_batch_1_7_and_64(tmp_path, tiny_model_dirs):

@@ -107,22 +107,22 @@ def test_same_seed_same_pairs_and_a_killed_run_resumes_exactly(tmp_path, tiny_mo
     expected = (clean.dir / "pairs.jsonl").read_text()
 
     killed = make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context", "sampling.batch_size=2", name="killed")
-    real_stream = sampling.answer_stream
+    real_answers = sampling.BatchDecoder.answers
 
-    def dies_after_ten_answers(*args):
-        for count, answer in enumerate(real_stream(*args)):
+    def dies_after_ten_answers(self):
+        for count, answer in enumerate(real_answers(self)):
             if count == 10:  # of 12: the first group of pairs is written, the second not
                 raise KeyboardInterrupt
             yield answer
 
-    monkeypatch.setattr(sampling, "answer_stream", dies_after_ten_answers)
+    monkeypatch.setattr(sampling.BatchDecoder, "answers", dies_after_ten_answers)
     with pytest.raises(KeyboardInterrupt):
         run_stages(killed, ["sample"])
     written = (killed.dir / "pairs.jsonl").read_text()
     assert 0 < len(written) < len(expected) and expected.startswith(written)
     with open(killed.dir / "pairs.jsonl", "a") as f:
         f.write('{"prompt": [{"role": "user", "con')  # a kill in the middle of a line
-    monkeypatch.setattr(sampling, "answer_stream", real_stream)
+    monkeypatch.setattr(sampling.BatchDecoder, "answers", real_answers)
     run_stages(make_run(tmp_path, model_dir, prompts_file, "sampling.negative=drop_context", "sampling.batch_size=2",
                         name="killed"), ["sample"])
     assert (killed.dir / "pairs.jsonl").read_text() == expected
