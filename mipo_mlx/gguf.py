@@ -37,7 +37,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 from mipo_mlx.errors import UserError
-from mipo_mlx.gguf_file import GGUFTensor, read_gguf_header
+from mipo_mlx.gguf_file import GGUFHeader, GGUFTensor, read_gguf_header
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -339,10 +339,7 @@ def float_tensor(path: str, tensor: GGUFTensor) -> mx.array:
 
 
 def load_gguf(path: str | Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
-    """Model (quantized layers as IMPORTS says), tokenizer and mlx-lm config of a GGUF file.
-
-    The config's "gguf_tensor_types" counts the file's tensors by type, with what each type became.
-    """
+    """Model (quantized layers as IMPORTS says), tokenizer and mlx-lm config of a GGUF file."""
     path = str(path)
     header = read_gguf_header(path)
     metadata, tensors = header.metadata, header.tensors
@@ -366,8 +363,10 @@ def load_gguf(path: str | Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
             weights[name] = unpermute_rows(weights[name], kv_heads)
     model, config = build_model(config, weights)
     config["eos_token_id"] = sorted(tokenizer.eos_token_ids)
-    by_type = Counter(tensor.type_name for tensor in tensors.values())
-    config["gguf_tensor_types"] = {
-        kind: {"tensors": count, "imported_as": IMPORTS[kind].describe(kind)} for kind, count in by_type.most_common()
-    }
     return model, tokenizer, config
+
+
+def tensor_types(header: GGUFHeader) -> dict[str, dict]:
+    """A GGUF file's tensor types, most used first: {"Q4_K": {"tensors": 169, "imported_as": "4-bit g32, ..."}}."""
+    by_type = Counter(tensor.type_name for tensor in header.tensors.values())
+    return {kind: {"tensors": count, "imported_as": IMPORTS[kind].describe(kind)} for kind, count in by_type.most_common()}

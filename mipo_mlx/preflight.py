@@ -22,7 +22,8 @@ Each mistake is one UserError naming the file, key or flag and the fix. It check
   every model*.safetensors header against its file (dtype, shape and byte range of every
   tensor), the tokenizer files; then the LoRA keys against the modules of the layers that
   get LoRA, as the weights' names give them (model.layers.N.PATH.weight: PATH is linear
-  when its weight has two dimensions or more). A .gguf file is checked for being a file.
+  when its weight has two dimensions or more). A .gguf file: its header (gguf_file.py),
+  every tensor's type one mipo-mlx imports and its bytes inside the file.
 
 It reads the data and the headers, not the weights, and imports no mlx-lm or transformers
 (seconds of imports): the quickstart's preflight, imports and all, takes well under a
@@ -41,6 +42,7 @@ from pathlib import Path
 from mipo_mlx.data import check_negatives, read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
 from mipo_mlx.files import safetensors_header
+from mipo_mlx.gguf_file import read_gguf_header
 from mipo_mlx.model_sources import EMBEDDED_MODELS, cached_snapshot, embedded_model_path
 from mipo_mlx.recipe import MOST_LAYERS, is_hub_id, read_yaml
 from mipo_mlx.rundir import RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
@@ -170,11 +172,15 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> ModelFil
 
 
 def check_gguf(path: Path, key: str) -> None:
-    """A .gguf model is a file (its header and tensor table are read by the GGUF loader)."""
+    """A .gguf model is a file whose header reads: its metadata, every tensor's type and byte range (gguf_file.py)."""
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a .gguf file", key=key)
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}", key=key)
+    try:
+        read_gguf_header(path)
+    except UserError as error:
+        raise UserError(f"{path}: {error.message}", key=key) from None
     return None
 
 

@@ -1,5 +1,8 @@
 """GGUF import: tiny files written like llama.cpp's, and the embedded model answering."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,8 +11,9 @@ from gguf_fixtures import LLAMA3_ROPE, write_tiny_gguf
 from mlx_lm import generate
 
 from mipo_mlx.errors import UserError
-from mipo_mlx.gguf import IMPORTS, load_gguf
-from mipo_mlx.gguf_file import TENSOR_TYPES
+from mipo_mlx.gguf import IMPORTS, load_gguf, tensor_types
+from mipo_mlx.gguf_file import TENSOR_TYPES, read_gguf_header
+from mipo_mlx.preflight import check_model
 from tiny_models import tiny_hf_tokenizer
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 8]])
@@ -41,7 +45,6 @@ def test_every_imported_type_gives_the_logits_of_the_weights_the_file_encodes(tm
     path, reference = write_tiny_gguf(tmp_path / "tiny.gguf", arch, qtype)
     model, _, config = load_gguf(path)
     assert config["model_type"] == arch
-    assert config["gguf_tensor_types"][qtype]["imported_as"] == IMPORTS[qtype].describe(qtype)
     layer = model.model.layers[0].mlp.up_proj
     assert getattr(layer, "bits", None) == IMPORTS[qtype].bits
     model.set_dtype(mx.float32)
@@ -67,9 +70,9 @@ def test_quantized_tensors_stay_quantized_with_bits_per_layer(tmp_path):
 
 def test_a_q4_k_m_mix_keeps_each_tensors_bits_and_says_what_each_type_became(tmp_path):
     path, reference = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", "Q4_K", embedding_qtype="Q6_K")
-    model, _, config = load_gguf(path)
+    model, _, _ = load_gguf(path)
     assert (model.model.layers[0].mlp.down_proj.bits, model.model.embed_tokens.bits) == (4, 8)
-    assert config["gguf_tensor_types"] == {
+    assert tensor_types(read_gguf_header(path)) == {
         "Q4_K": {"tensors": 14, "imported_as": "4-bit g32, the same values"},
         "F32": {"tensors": 11, "imported_as": "float32"},  # norms, and Qwen2's Q, K, V biases
         "Q6_K": {"tensors": 1, "imported_as": "8-bit g32, quantized again"},
@@ -149,6 +152,21 @@ def test_garbage_old_versions_and_cut_files_are_one_line_naming_the_file(tmp_pat
         with pytest.raises(UserError, match=f"cannot read this GGUF file.*{problem}.*download it again") as error:
             load_gguf(path)
         assert "\n" not in str(error.value) and error.value.file == str(path)
+
+
+def test_preflight_refuses_such_a_file_in_one_line_before_loading_anything(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "iq.gguf", "llama", "IQ4_NL")
+    with pytest.raises(UserError, match=r"^model\.path: .*iq\.gguf: 15 of its tensors are IQ4_NL"):
+        check_model(str(path), key="model.path")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{path: {path}}}\noutput_dir: {tmp_path / 'runs'}\n", encoding="utf-8")
+    # `train`'s one line and exit status 2, before mlx-lm is imported (seconds) or a run directory made.
+    probe = ("import sys; from mipo_mlx.cli import main; code = main(['train', sys.argv[1]]); "
+             "sys.exit(100 + code if 'mlx_lm' in sys.modules else code)")
+    result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.count("\n") == 1 and "model.path: " in result.stderr and "are IQ4_NL" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_embedded_tokenizer_matches_the_gguf_vocabulary_and_round_trips(embedded_model):
