@@ -45,6 +45,7 @@ from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.convert import write_model_dir
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder, remove_staging
+from mipo_mlx.gguf_file import read_gguf_header
 from mipo_mlx.model_card import CardInputs, write_card
 from mipo_mlx.loading import is_quantized, load_recipe_model
 from mipo_mlx.lora import load_adapter
@@ -210,7 +211,7 @@ def export_run(
     if "gguf" in formats and source_gguf is None:
         check_mlx_gguf_support(loaded.config, loaded.tokenizer)  # before any slow work
     result = ExportResult(out, list(formats), base_model or default_base_model(recipe.model.path, loaded.config))
-    license_ = mx.load(str(source_gguf), return_metadata=True)[1].get("general.license") if source_gguf else None
+    license_ = read_gguf_header(source_gguf).metadata.get("general.license") if source_gguf else None
 
     with atomic_folder(out) as staging:
         shutil.copy(run.path(RECIPE_FILE), staging / RECIPE_FILE)

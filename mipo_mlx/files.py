@@ -7,7 +7,6 @@
     replace_file(path, text)                        # the same for one file
     remove_staging(parent)                          # what a killed atomic_folder left in `parent`
     header = safetensors_header(path)               # {tensor name: {dtype, shape, data_offsets}}, checked
-    header = gguf_header(path)                      # a GGUF file's metadata and tensor table, checked
     digest = sha256_of(path)
 
 JSON Lines end at b"\\n" alone: str.splitlines would also split at U+2028, U+2029 and
@@ -31,7 +30,6 @@ import glob
 import hashlib
 import json
 import math
-import mmap
 import os
 import shutil
 import struct
@@ -291,159 +289,3 @@ def safetensors_header(path: str | Path) -> dict:
         if problem:
             raise ValueError(f"tensor {name[:80]!r} {problem}")
     return header
-
-
-# GGUF: ggml tensor types as (elements per block, bytes per block), llama.cpp's table (gguf-py's GGML_QUANT_SIZES).
-GGML_TYPES = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
-}
-# Metadata value types: struct format of the fixed-size ones; 8 is a string, 9 an array.
-GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
-GGUF_DEFAULT_ALIGNMENT = 32
-
-
-@dataclass
-class GgufHeader:
-    """What gguf_header read: the metadata and every tensor's (type name, shape), offsets checked."""
-
-    version: int
-    metadata: dict[str, Any]  # arrays of strings and numbers as lists
-    tensors: dict[str, tuple[str, list[int]]]  # name -> (ggml type name, shape in ggml's order: fastest dimension first)
-
-
-class _GgufReader:
-    """Little-endian reads from a GGUF file's bytes; every read checked against the end of the file."""
-
-    def __init__(self, data, version: int):
-        self.data, self.position, self.version = data, 0, version
-
-    def take(self, size: int, what: str):
-        if size < 0 or self.position + size > len(self.data):
-            raise ValueError(f"{what} at byte {self.position} needs {size} bytes, but the file ends at byte "
-                             f"{len(self.data)}")
-        start, self.position = self.position, self.position + size
-        return self.data[start : self.position]
-
-    def scalar(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def count(self, what: str) -> int:
-        return self.scalar("I" if self.version == 1 else "Q", what)  # GGUF v1 counted in 32 bits
-
-    def string(self, what: str) -> str:
-        raw = bytes(self.take(self.count(f"the length of {what}"), what))
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{what} at byte {self.position - len(raw)} is not UTF-8 text") from None
-
-    def strings(self, length: int, what: str) -> list[str]:
-        data, position, end, found = self.data, self.position, len(self.data), []
-        for _ in range(length):
-            if position + 8 > end or position + 8 + struct.unpack_from("<Q", data, position)[0] > end:
-                self.position = position
-                self.string(what)  # raises, saying where the file ends
-            size = struct.unpack_from("<Q", data, position)[0]
-            found.append(data[position + 8 : position + 8 + size])
-            position += 8 + size
-        self.position = position
-        try:
-            return [raw.decode("utf-8") for raw in found]
-        except UnicodeDecodeError:
-            raise ValueError(f"{what} holds a string that is not UTF-8 text") from None
-
-    def value(self, kind: int, what: str, depth: int = 0):
-        if kind in GGUF_SCALARS:
-            return self.scalar(GGUF_SCALARS[kind], what)
-        if kind == GGUF_STRING:
-            return self.string(what)
-        if kind == GGUF_ARRAY and depth == 0:
-            item, length = self.scalar("I", f"the item type of {what}"), self.count(f"the length of {what}")
-            if item in GGUF_SCALARS:  # fixed size: checked at once, not item by item
-                size = struct.calcsize(GGUF_SCALARS[item])
-                raw = self.take(length * size, what)
-                return list(struct.unpack(f"<{length}{GGUF_SCALARS[item]}", raw))
-            if length > len(self.data) - self.position:  # every item takes at least one byte
-                raise ValueError(f"{what} announces {length} items, more than the file's remaining bytes")
-            if item == GGUF_STRING and self.version > 1:  # a vocabulary: 100k strings, read in one tight loop
-                return self.strings(length, what)
-            return [self.value(item, what, depth + 1) for _ in range(length)]
-        if kind == GGUF_ARRAY:
-            raise ValueError(f"{what} is an array of arrays, which no model file holds")
-        raise ValueError(f"{what} has an unknown value type {kind}")
-
-
-def gguf_header(path: str | Path) -> GgufHeader:
-    """The metadata and tensor table of a GGUF file, read in Python and checked against the file's size.
-
-    Every string, array, tensor shape, type and data range must lie within the file (the
-    tensors' data aligned as `general.alignment` says); ValueError says what is wrong
-    (OSError: the file cannot be read). Reads the header, not the tensor data.
-    """
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size < 24:
-            raise ValueError(f"{size} bytes, too few for a GGUF header (24 at least)")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _read_gguf(data, size)
-
-
-def _read_gguf(view, size: int) -> GgufHeader:
-    magic, version = struct.unpack_from("<4sI", view, 0)
-    if magic != b"GGUF":
-        raise ValueError(f"it starts with {bytes(magic)!r}, not the GGUF magic b'GGUF'")
-    if version not in (1, 2, 3):
-        raise ValueError(f"GGUF version {version}, not 1, 2 or 3")
-    reader = _GgufReader(view, version)
-    reader.position = 8
-    tensor_count, kv_count = reader.count("the tensor count"), reader.count("the metadata count")
-    # Each metadata entry takes at least 12 bytes and each tensor entry at least 24.
-    if kv_count * 12 + tensor_count * 24 > size:
-        raise ValueError(f"it announces {kv_count} metadata entries and {tensor_count} tensors, more than its "
-                         f"{size} bytes can hold")
-    metadata = {}
-    for index in range(kv_count):
-        key = reader.string(f"metadata key {index}")
-        metadata[key] = reader.value(reader.scalar("I", f"the type of metadata {key!r}"), f"metadata {key!r}")
-    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
-        raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
-    entries = []
-    for index in range(tensor_count):
-        name = reader.string(f"tensor name {index}")
-        dims = reader.scalar("I", f"the dimensions of tensor {name!r}")
-        if not 1 <= dims <= GGUF_MAX_DIMS:
-            raise ValueError(f"tensor {name[:80]!r} has {dims} dimensions, not 1 to {GGUF_MAX_DIMS}")
-        shape = [reader.count(f"the shape of tensor {name!r}") for _ in range(dims)]
-        kind, offset = reader.scalar("I", f"the type of tensor {name!r}"), reader.scalar("Q", f"the offset of {name!r}")
-        entries.append((name, shape, kind, offset))
-    data_start = -(-reader.position // alignment) * alignment
-    data_bytes = size - data_start
-    tensors = {}
-    for name, shape, kind, offset in entries:
-        if name in tensors:
-            raise ValueError(f"tensor {name[:80]!r} is listed twice")
-        if kind not in GGML_TYPES:
-            raise ValueError(f"tensor {name[:80]!r} has an unknown ggml type {kind}")
-        type_name, block, block_bytes = GGML_TYPES[kind]
-        if shape[0] % block:
-            raise ValueError(f"tensor {name[:80]!r} of type {type_name} has rows of {shape[0]} values, not a "
-                             f"multiple of its blocks of {block}")
-        needed = math.prod(shape) // block * block_bytes
-        if offset % alignment:
-            raise ValueError(f"tensor {name[:80]!r} starts at byte {offset} of the tensor data, not aligned to "
-                             f"{alignment}")
-        if offset + needed > data_bytes:
-            raise ValueError(f"tensor {name[:80]!r} ({type_name} {shape}) ends at byte {offset + needed} of the "
-                             f"tensor data, but the file holds {max(data_bytes, 0)}")
-        tensors[name] = (type_name, shape)
-    return GgufHeader(version, metadata, tensors)

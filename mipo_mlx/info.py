@@ -18,7 +18,10 @@ from mlx_lm.utils import get_total_parameters
 
 from mipo_mlx.backend import describe_backend
 from mipo_mlx.errors import UserError, rekeyed
+from mipo_mlx.export import base_gguf_path
 from mipo_mlx.generation import auto_batch_size
+from mipo_mlx.gguf import tensor_types
+from mipo_mlx.gguf_file import read_gguf_header
 from mipo_mlx.loading import load_model, resolve_compute
 from mipo_mlx.preflight import check_model
 from mipo_mlx.recipe import DEFAULT_LORA_KEYS, LoraConfig, SamplingConfig, TrainingConfig
@@ -103,6 +106,8 @@ def describe_model(spec: str, compute: str = "auto") -> dict:
         "context_length": config.get("max_position_embeddings"),
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
         "quantization": quantization_by_kind(model),
+        # A GGUF file's tensor types, each with its count and what it became (gguf.IMPORTS).
+        "gguf_tensor_types": tensor_types(read_gguf_header(source)) if (source := base_gguf_path(spec)) else None,
         "chat_template": template,
         "eos_token_ids": sorted(loaded.tokenizer.eos_token_ids),
         "compute_here": chosen,
@@ -123,6 +128,9 @@ def format_description(info: dict) -> str:
         f"vocabulary       {info['vocab_size']} tokens, context {info['context_length']}, "
         f"tied embeddings: {'yes' if info['tied_embeddings'] else 'no'}",
         "quantization     " + "; ".join(f"{kind}: {q}" for kind, q in info["quantization"].items()),
+        *(["GGUF tensors     " + "; ".join(f"{kind} x{t['tensors']} -> {t['imported_as']}"
+                                           for kind, t in info["gguf_tensor_types"].items())]
+          if info["gguf_tensor_types"] else []),
         f"chat template    {'yes' if template else 'none (not an instruct model?)'}, end-of-turn ids {info['eos_token_ids']}",
         f"backend          {info['backend']['backend']} ({info['backend']['device']}), BLAS: {info['backend']['blas']}",
         f"compute here     {info['compute_here']} (model.compute: auto)",

@@ -24,7 +24,8 @@ Each mistake is one UserError naming the file, key or flag and the fix. It check
   tensor), the tokenizer files; then the LoRA keys against the modules of the layers that
   get LoRA, as the weights' names give them (model.layers.N.PATH.weight: PATH is linear
   when its weight has two dimensions or more). A .gguf file: its header, metadata and
-  tensor table, read in Python, every tensor's type, shape and byte range against the file.
+  tensor table (gguf_file.py), every tensor's type one mipo-mlx imports and its bytes
+  inside the file.
 
 It reads the data and the headers, not the weights, and imports no mlx-lm or transformers
 (seconds of imports): the quickstart's preflight, imports and all, takes well under a
@@ -42,7 +43,8 @@ from pathlib import Path
 
 from mipo_mlx.data import check_negatives, read_prompt_file
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
-from mipo_mlx.files import gguf_header, safetensors_header
+from mipo_mlx.files import safetensors_header
+from mipo_mlx.gguf_file import read_gguf_header
 from mipo_mlx.model_sources import EMBEDDED_MODELS, GGUF_LAYER_NAMES, cached_snapshot, embedded_model_path
 from mipo_mlx.recipe import MOST_LAYERS, is_hub_id, read_yaml
 from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, ResumePoint, no_checkpoint_left, recipe_changes, resume_point, run_dir_of
@@ -172,10 +174,9 @@ def check_model(spec: str, *, key: str, revision: str | None = None) -> ModelFil
 
 
 def check_gguf(path: Path, key: str) -> ModelFiles:
-    """A .gguf model file whose header, metadata and tensor table read, every tensor within the file.
+    """A .gguf model file whose header, metadata and tensor table read, every tensor's type imported and within the file.
 
-    Read in Python (files.gguf_header) before MLX's GGUF reader sees the file: that reader
-    trusts the file's counts and offsets, and a damaged one crashes the process. What is
+    Read in Python (gguf_file.read_gguf_header) before anything reads the tensors. What is
     read: the architecture as config's model_type and the layers' tensors under mlx-lm's
     names (for check_lora_keys).
     """
@@ -184,16 +185,14 @@ def check_gguf(path: Path, key: str) -> ModelFiles:
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}", key=key)
     try:
-        header = gguf_header(path)
-    except (OSError, ValueError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise UserError(f"{path}: not a readable GGUF file: {reason}; the file is truncated or damaged: download or "
-                        "convert it again", key=key) from None
+        header = read_gguf_header(path)
+    except UserError as error:
+        raise UserError(f"{path}: {error.message}", key=key) from None
     shapes = {}
-    for name, (_, shape) in header.tensors.items():
+    for name, tensor in header.tensors.items():
         parts = name.split(".")  # blk.N.KIND.weight
         if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in GGUF_LAYER_NAMES:
-            shapes[f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.weight"] = shape
+            shapes[f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.weight"] = list(tensor.shape)
     return ModelFiles({"model_type": str(header.metadata.get("general.architecture", "GGUF"))}, shapes)
 
 

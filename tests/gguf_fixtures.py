@@ -4,7 +4,12 @@
 
 `reference` is an mlx-lm model holding the exact weights the file encodes (quantized
 tensors dequantized with gguf's own reference code), so a correct loader must give the
-same logits. Llama Q/K rows are permuted as llama.cpp's converter does; with
+same logits. Types the gguf package can encode (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+are encoded from the weights as llama.cpp does; the K-quants it cannot encode (Q2_K ...
+Q6_K) are random valid blocks, every code and sub-block scale bit pattern, with the
+float16 block scales set so the weights have the source's spread and about zero mean.
+K-quant blocks hold 256 values, so a file with one is 256 wide. Llama Q/K rows are
+permuted as llama.cpp's converter does; with
 `llama3_rope=True` the file carries Llama 3's RoPE scaling as llama.cpp does, as a
 `rope_freqs` tensor of per-frequency factors.
 """
@@ -16,6 +21,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 from gguf.quants import dequantize, quantize
+from gguf.constants import GGML_QUANT_SIZES
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2
 
@@ -47,6 +53,61 @@ def _gguf_name(hf_name: str) -> str:
     return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[".".join(parts[:-1])] + "." + parts[-1]
 
 
+# K-quant blocks: the byte offsets of the float16 scale d and, for types with minimums, dmin; the code bits.
+K_QUANT_SCALES = {"Q2_K": (80, 82, 2), "Q3_K": (108, None, 3), "Q4_K": (0, 2, 4), "Q5_K": (0, 2, 5), "Q6_K": (208, None, 6)}
+
+
+def neighbour_like_scales(blocks: np.ndarray, kind: str, rng: np.random.Generator) -> None:
+    """Sub-block scales (and minimums) of 16 values within about 30% of each other, as llama.cpp's encoders give
+    neighbouring values (Qwen2.5's Q6_K tensors: a median ratio of 1.23); fully random ones are a worst case
+    no file has. Q4_K and Q5_K keep every random scale: they are imported exactly whatever their scales."""
+    if kind == "Q2_K":
+        blocks[:, :16] |= 0xCC  # 4-bit scale and minimum, 12 to 15
+    elif kind == "Q3_K":
+        blocks[:, 96:104] |= 0x88  # low 4 bits of the 6-bit scales 8 to 15
+        blocks[:, 104:108] = 0xFF  # and their high 2 bits 3: scales 56 to 63, d * 24 to 31
+    elif kind == "Q6_K":
+        scales = rng.integers(96, 128, (len(blocks), 16)) * rng.choice([-1, 1], (len(blocks), 16))
+        blocks[:, 192:208] = scales.astype(np.int8).view(np.uint8)
+
+
+def random_blocks(weight: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes as `kind` blocks for a matrix shaped like `weight`, (rows, bytes per row)."""
+    block, block_bytes = GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return rng.integers(0, 256, (weight.shape[0], weight.shape[1] // block * block_bytes), dtype=np.uint8)
+
+
+def random_k_quant(weight: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Random valid `kind` blocks for a matrix shaped like `weight`: its spread, about zero mean."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    rows = random_blocks(weight, kind, rng)
+    blocks = rows.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    neighbour_like_scales(blocks, kind, rng)
+    d_at, dmin_at, code_bits = K_QUANT_SCALES[kind]
+
+    def set_scales(d):
+        blocks[:, d_at : d_at + 2] = np.float16(d).reshape(1).view(np.uint8)
+        if dmin_at is not None:  # value = d * scale * code - dmin * min: a mean code's worth of minimum centres it
+            blocks[:, dmin_at : dmin_at + 2] = np.float16(d * (2**code_bits - 1) / 2).reshape(1).view(np.uint8)
+
+    set_scales(1.0)
+    set_scales(weight.std() / dequantize(rows, qtype).std())
+    return rows
+
+
+def encode(weight: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """`weight` as a GGUF tensor of type `kind`, in the bytes (or floats) GGUFWriter takes.
+
+    Types neither gguf nor this file encode (IQ4_NL, ...) are random bytes: the loader refuses them unread.
+    """
+    if kind in K_QUANT_SCALES:
+        return random_k_quant(weight, kind, rng)
+    try:
+        return quantize(weight, gguf.GGMLQuantizationType[kind])
+    except NotImplementedError:
+        return random_blocks(weight, kind, rng)
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
@@ -73,6 +134,8 @@ def write_tiny_gguf(
     llama3_rope: bool = False, user_defined_tokens: tuple[str, ...] = (),
 ):
     config = tiny_config(arch)
+    if {qtype, embedding_qtype} & set(K_QUANT_SCALES):
+        config.update(hidden_size=256, intermediate_size=512)
     if llama3_rope:
         config["rope_scaling"] = LLAMA3_ROPE
     module = {"llama": llama, "qwen2": qwen2}[arch]
@@ -94,6 +157,7 @@ def write_tiny_gguf(
         head_dim = config["hidden_size"] // config["num_attention_heads"]
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, config["rope_theta"], LLAMA3_ROPE))
     exact = {}
+    rng = np.random.default_rng(seed)
     for name, weight in weights.items():
         is_matrix = weight.ndim == 2
         kind = embedding_qtype if "embed_tokens" in name else qtype
@@ -104,9 +168,10 @@ def write_tiny_gguf(
             stored = permute_rows(weight, config["num_key_value_heads"])
         if is_matrix and kind != "F32":
             qt = gguf.GGMLQuantizationType[kind]
-            raw = quantize(stored, qt)
+            raw = encode(stored, kind, rng)
             writer.add_tensor(_gguf_name(name), raw, raw_dtype=qt)
-            decoded = dequantize(raw, qt).reshape(stored.shape)
+            with np.errstate(invalid="ignore"):  # random IQ blocks may hold NaN scales; the loader refuses them
+                decoded = dequantize(raw, qt).reshape(stored.shape)
             # The reference keeps the un-permuted order of what the file encodes.
             exact[name] = decoded if stored is weight else _unpermuted(decoded, name, config)
         else:

@@ -72,6 +72,8 @@ def test_info_on_the_embedded_gguf():
     assert "llama, 30 layers, hidden 576" in text
     assert "parameters       134.5M" in text
     assert "attention: 4-bit g32; embedding: 8-bit g32; mlp: 4-bit g32" in text
+    assert ("GGUF tensors     Q4_1 x210 -> 4-bit g32, the same values; F32 x61 -> float32; "
+            "Q8_0 x1 -> 8-bit g32, the same values") in text
     assert "<|im_start|>" in text and "LoRA DPO" in text and "sampling" in text
 
 

@@ -1,5 +1,8 @@
 """GGUF import: tiny files written like llama.cpp's, and the embedded model answering."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,21 +11,52 @@ from gguf_fixtures import LLAMA3_ROPE, write_tiny_gguf
 from mlx_lm import generate
 
 from mipo_mlx.errors import UserError
-from mipo_mlx.gguf import load_gguf
+from mipo_mlx.gguf import IMPORTS, load_gguf, tensor_types
+from mipo_mlx.gguf_file import TENSOR_TYPES, read_gguf_header
+from mipo_mlx.preflight import check_model
 from tiny_models import tiny_hf_tokenizer
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 8]])
 
 
+# How far the loaded model's logits may be from those of the weights the file encodes, relative to
+# the largest logit, with MLX's float16 scales and biases made float32 so that only the import
+# counts. Exact: the file's codes at its bits; 0 (float32 rounding) where the step and offset are
+# float16 in the file too, about 2**-11 where they are products of a float16 and a 6-bit scale.
+# Quantized again (16-value sub-blocks): measured 0.085-0.12 (Q2_K at 4 bits), 0.013-0.024 (Q3_K
+# at 5), 0.006-0.007 (Q6_K at 8), where the source's own rounding moves these logits by 0.14
+# (Q4_0), 0.09 (Q5_0) and 0.011 (Q8_0) from the float model's.
+IMPORT_TOLERANCE = {
+    "F32": 1e-5, "F16": 1e-5, "BF16": 1e-5,
+    "Q4_0": 1e-5, "Q4_1": 1e-5, "Q5_0": 1e-5, "Q5_1": 1e-5, "Q8_0": 1e-5,
+    "Q4_K": 2e-3, "Q5_K": 2e-3,
+    "Q2_K": 0.15, "Q3_K": 0.04, "Q6_K": 0.02,
+}
+
+
+def relative_error(model, reference, tokens=TOKENS) -> float:
+    expected = reference(tokens)
+    return (mx.abs(model(tokens) - expected).max() / mx.abs(expected).max()).item()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F32"])
-def test_gguf_logits_match_the_weights_the_file_encodes(tmp_path, arch, qtype):
+@pytest.mark.parametrize("qtype", [name for name, _, _ in TENSOR_TYPES.values()])
+def test_every_imported_type_gives_the_logits_of_the_weights_the_file_encodes(tmp_path, arch, qtype):
     path, reference = write_tiny_gguf(tmp_path / "tiny.gguf", arch, qtype)
     model, _, config = load_gguf(path)
     assert config["model_type"] == arch
-    expected = reference(TOKENS)
-    # MLX keeps GGUF scales in float16, so activations after the embedding are float16.
-    assert mx.abs(model(TOKENS) - expected).max().item() < 2e-3 * mx.abs(expected).max().item()
+    layer = model.model.layers[0].mlp.up_proj
+    assert getattr(layer, "bits", None) == IMPORTS[qtype].bits
+    model.set_dtype(mx.float32)
+    assert relative_error(model, reference) < IMPORT_TOLERANCE[qtype]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+def test_as_loaded_with_float16_scales_the_logits_stay_close(tmp_path, qtype):
+    path, reference = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", qtype)
+    model, _, _ = load_gguf(path)
+    # Activations after the embedding are float16, as on a Mac with model.compute: quantized.
+    assert relative_error(model, reference) < IMPORT_TOLERANCE[qtype] + 2e-3
 
 
 def test_quantized_tensors_stay_quantized_with_bits_per_layer(tmp_path):
@@ -32,6 +66,19 @@ def test_quantized_tensors_stay_quantized_with_bits_per_layer(tmp_path):
     assert model.model.embed_tokens.bits == 8
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"]["bits"] == 8
+
+
+def test_a_q4_k_m_mix_keeps_each_tensors_bits_and_says_what_each_type_became(tmp_path):
+    path, reference = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", "Q4_K", embedding_qtype="Q6_K")
+    model, _, _ = load_gguf(path)
+    assert (model.model.layers[0].mlp.down_proj.bits, model.model.embed_tokens.bits) == (4, 8)
+    assert tensor_types(read_gguf_header(path)) == {
+        "Q4_K": {"tensors": 14, "imported_as": "4-bit g32, the same values"},
+        "F32": {"tensors": 11, "imported_as": "float32"},  # norms, and Qwen2's Q, K, V biases
+        "Q6_K": {"tensors": 1, "imported_as": "8-bit g32, quantized again"},
+    }
+    model.set_dtype(mx.float32)
+    assert relative_error(model, reference) < IMPORT_TOLERANCE["Q6_K"]
 
 
 def test_skipping_the_qk_unpermutation_changes_the_model(tmp_path, monkeypatch):
@@ -82,18 +129,45 @@ def test_rope_freqs_that_are_not_llama3_scaling_are_a_user_error(tmp_path, monke
         load_gguf(path)
 
 
-def test_tensor_types_mlx_cannot_read_name_the_types_it_can(tmp_path):
-    path, _ = write_tiny_gguf(tmp_path / "q5.gguf", "qwen2", "Q5_0")
-    with pytest.raises(UserError, match="tensor type MLX cannot read.*Q4_0, Q4_1, Q8_0") as error:
+def test_a_tensor_type_not_imported_is_one_line_naming_it(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "iq.gguf", "qwen2", "IQ4_NL")
+    with pytest.raises(UserError, match=r"of its tensors are IQ4_NL \(e\.g\. blk\.0\.attn_q\.weight\), a type mipo-mlx "
+                       r"does not import .*Q6_K\); use a Q4_K_M, Q5_K_M or Q8_0 file") as error:
         load_gguf(path)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and error.value.file == str(path)
 
 
-def test_unsupported_architecture_and_garbage_file_are_user_errors(tmp_path):
-    bad = tmp_path / "not-a-model.gguf"
-    bad.write_bytes(b"this is not gguf")
-    with pytest.raises(UserError, match="cannot read this GGUF file"):
-        load_gguf(bad)
+def test_garbage_old_versions_and_cut_files_are_one_line_naming_the_file(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", "Q4_K")
+    whole = path.read_bytes()
+    cases = {
+        b"this is not a gguf file at all": "it starts with b'this', not GGUF",
+        b"this is not gguf": "it is 16 bytes, too few for a GGUF header",
+        b"GGUF" + (1).to_bytes(4, "little") + whole[8:]: "GGUF version 1, where mipo-mlx reads versions 2 and 3",
+        whole[:2000]: r"a value at byte [\d,]+ needs [\d,]+ bytes, but the file ends at byte 2,000",
+        whole[:-100]: r"tensor output_norm\.weight ends at byte [\d,]+, after the end of the file \([\d,]+ bytes\): it was cut",
+        b"": "it is 0 bytes, too few for a GGUF header",
+    }
+    for content, problem in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=f"cannot read this GGUF file.*{problem}.*download it again") as error:
+            load_gguf(path)
+        assert "\n" not in str(error.value) and error.value.file == str(path)
+
+
+def test_preflight_refuses_such_a_file_in_one_line_before_loading_anything(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "iq.gguf", "llama", "IQ4_NL")
+    with pytest.raises(UserError, match=r"^model\.path: .*iq\.gguf: 15 of its tensors are IQ4_NL"):
+        check_model(str(path), key="model.path")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{path: {path}}}\noutput_dir: {tmp_path / 'runs'}\n", encoding="utf-8")
+    # `train`'s one line and exit status 2, before mlx-lm is imported (seconds) or a run directory made.
+    probe = ("import sys; from mipo_mlx.cli import main; code = main(['train', sys.argv[1]]); "
+             "sys.exit(100 + code if 'mlx_lm' in sys.modules else code)")
+    result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.count("\n") == 1 and "model.path: " in result.stderr and "are IQ4_NL" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_embedded_tokenizer_matches_the_gguf_vocabulary_and_round_trips(embedded_model):
