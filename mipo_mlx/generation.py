@@ -32,7 +32,8 @@ The sampler runs on the host in numpy (draw_tokens says why) and sorts only the 
 that can be in the nucleus. The step is not mx.compile'd: the caches would go in and out
 of a compiled function as explicit state, and a cache the caller still holds cannot be
 written in place, so each step would copy every layer's cache to write one column; at the
-batches used here the step's time is in its matmuls and MLP activations, not in op dispatch.
+batches used here the step's time is in its matmuls and MLP activations, not in op dispatch
+(measured on the CPU: ~18 us an op, ~1000 ops a step, ~20 ms of a ~300 ms batch-64 step).
 """
 
 import os
