@@ -1,6 +1,6 @@
 """Tokens/s and peak memory of our DPO step next to mlx-lm-lora's and TRL's DPO trainers: same model, pairs and batches.
 
-    pip install trl==1.16.0        # into our venv, beside the test extra's torch and peft: a benchmark dependency only
+    pip install -e ".[test,bench]"  # trl 1.16.0 into our venv, beside torch and peft: a benchmark dependency only
     pip install --no-deps --target /tmp/mlx-lm-lora mlx-lm-lora==5.10.2   # outside our venv; its DPO
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora                     # trainer needs only mlx, mlx-lm, tqdm
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora --pairs runs/quickstart/pairs.jsonl --batch-size 4
@@ -49,13 +49,35 @@ the same way on its shapes (whole sequences, every position through the head).
 
 Measured on this machine (Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
 trl 1.16.0, peft 0.21.2, torch 2.13.0+cpu, the embedded model in float32; the defaults:
-16 pairs, batch 4, 8 timed steps) while other engineers ran two quickstart trainings and
-test suites beside it (load average 5-7, so absolute rates are about half of a quiet
-machine's): mipo-mlx 78.6 tok/s, 1.70 GB MLX peak, 2.23 GB max RSS; mlx-lm-lora 30.7
-tok/s, 3.82 GB; TRL 16.8 tok/s, 4.48 GB max RSS. Against mlx-lm-lora 2.56x and 0.45x;
-against TRL 4.68x and 0.50x. The step: 0.384 GFLOP per counted token, 30.1 GFLOP/s, 47%
-of the 64.7 GFLOP/s sgemm measured beside it. TRL's reference log-probs within 6.9e-3 of
-ours.
+16 pairs, batch 4, 8 timed steps), two runs while other engineers ran quickstart
+trainings and test suites beside them (load average 4.7 and 6.0, so absolute rates are
+below a quiet machine's; the ratios are side by side in one run):
+
+    mipo-mlx     121.6 / 78.6 tok/s   1.70 GB MLX peak, 2.23 GB max RSS
+    mlx-lm-lora   59.1 / 30.7 tok/s   3.82 GB MLX peak, 3.64 GB max RSS
+    TRL           33.3 / 16.8 tok/s   4.46 / 4.48 GB max RSS
+    against mlx-lm-lora: 2.06x / 2.56x tok/s, 0.45x peak memory
+    against TRL:         3.66x / 4.68x tok/s, 0.50x max RSS (2.23 / 4.46 and 4.48 GB)
+    the step: 0.432 GFLOP per counted token, 52.5 / 33.9 GFLOP/s = 57% / 52% of the sgemm
+    rate beside it (92.7 / 64.7 GFLOP/s): at that rate throughout, 215 / 150 tok/s
+
+TRL's reference log-probs were within 6.9e-3 of ours. With DPOConfig's default bf16
+autocast (not the same model: its log-probs move by up to 0.38), TRL ran at 125.9 tok/s
+and 3.83 GB beside our 141.4 tok/s and 2.23 GB (load 3.6): 1.12x and 0.58x. The issue's
+hand measurement (111.7 tok/s, 4.71 GB) and this benchmark's previous TRL side ran
+that default. No float32 step
+reaches 2x of it here: 2x is ~250 tok/s, and the step's FLOPs at 100% of this machine's
+quiet sgemm rate (~100 GFLOP/s) allow ~230.
+
+Profile of the step (perf, 6 steps of the defaults): OpenBLAS's sgemm ~52% of the
+samples (its packing copies ~8% of them), MLX's scalar exp ~14% (simd::exp<float, 1>
+calling libm's fmaf per element: swiglu's sigmoid, forward and recomputed in
+lean_swiglu's backward, the head's logsumexp and softmax), OpenBLAS's idle workers
+yielding ~10%, malloc and copies ~5%. Left as they are: keeping the sigmoid rather than
+recomputing it would buy a few percent of time with (rows, T, intermediate) floats per
+layer, and the step is at the 0.5x memory goal already; the head's input gradient taken
+in its forward (softmax @ W beside the log-probs) would save one of its three matmuls,
+~6% of the step's FLOPs, in scoring.py's head_logprobs, which inference shares.
 """
 
 import argparse
@@ -210,9 +232,8 @@ def bench_ours(args, work: Path, examples: list[Example]) -> dict:
         trainer.train_step()
     shape = json.loads((work / "shape.json").read_text())
     flops = 0.0
-    for _ in range(args.steps):
-        for indices in trainer.next_micro_batches()[0]:
-            flops += step_flops(shape, *our_blocks(collate(examples, indices, trainer.pad_id, trainer.shared_prompts)[0]))
+    for indices in step_batches(examples, args.batch_size, warmup + args.steps)[warmup:]:
+        flops += step_flops(shape, *our_blocks(collate(examples, indices, trainer.pad_id, trainer.shared_prompts)[0]))
     start, tokens = time.perf_counter(), 0
     for _ in range(args.steps):
         tokens += trainer.train_step()["tokens"]
