@@ -1,16 +1,20 @@
-"""Tokens/s and peak memory of our DPO step next to mlx-lm-lora's DPO trainer: same model, pairs and batches.
+"""Tokens/s and peak memory of our DPO step next to mlx-lm-lora's and TRL's DPO trainers: same model, pairs and batches.
 
+    pip install -e ".[test,bench]"  # trl 1.16.0 into our venv, beside torch and peft: a benchmark dependency only
     pip install --no-deps --target /tmp/mlx-lm-lora mlx-lm-lora==5.10.2   # outside our venv; its DPO
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora                     # trainer needs only mlx, mlx-lm, tqdm
     python bench/dpo.py --mlx-lm-lora /tmp/mlx-lm-lora --pairs runs/quickstart/pairs.jsonl --batch-size 4
+    python bench/dpo.py --sides mipo-mlx trl
+
+mipo-mlx never imports trl, torch or peft at run time; only the trl side here does.
 
 The model is written once as an mlx-lm model directory in the dtype our loader computes
 in here (float32 on the CPU backend, the stored weights on a GPU); each side loads that
-directory in its own process (`import mipo_mlx` first in both, so both get the same
-BLAS), so neither side's allocations count in the other's peak. Both train the same
-LoRA (the recipe's defaults, through mlx-lm's LoRA layers) with sigmoid DPO, beta 0.1 and
-AdamW, on the same batches of the same token ids in the same order, padded by each
-trainer's own collation, with the same max sequence length.
+directory in its own process (`import mipo_mlx` first in each, so the MLX sides get the
+same BLAS), so no side's allocations count in another's peak. All train a LoRA of the
+recipe's defaults (rank, scale, dropout, the seven projections) with sigmoid DPO, beta
+0.1, AdamW and the recipe's learning rate, on the same batches of the same token ids in
+the same order, padded by each trainer's own collation, with the same max sequence length.
 
 - mipo-mlx: one model; Trainer.train_step (one compiled forward and backward: each
   prompt once, then the chosen and rejected answers after it, 2B rows; gradient
@@ -19,23 +23,65 @@ trainer's own collation, with the same max sequence length.
 - mlx-lm-lora: train_dpo with the reference model its train.py loads, a second copy
   from the same directory, run forward on every step; policy forwards for chosen and
   rejected apart.
+- trl: DPOTrainer on torch's CPU backend with a PEFT LoRA (lora_alpha = scale x rank),
+  precompute_ref_log_probs=True (its cheapest reference; that pass, in the trainer's
+  constructor, is not timed, as our stored reference is not), float32 throughout
+  (bf16=False: DPOConfig defaults to bf16 autocast, on the CPU too), no gradient
+  checkpointing (its default; the other sides keep their activations), torch on as many
+  threads as OpenBLAS runs MLX's matmuls on. The directory loads in transformers as
+  LlamaForCausalLM (printed). Its precomputed reference log-probs are printed against
+  ours: the same model on the same tokens gives them within float rounding.
 
 Tokens are all non-padding tokens (prompt and answer) of both sequences of each pair:
-the same batches, so the same count on both sides. The first pass over the batches
+the same batches, so the same count on every side. The first pass over the batches
 (compilation of every batch shape) is not timed. Peak memory is MLX's peak during
-training, the loaded models included; max RSS (the whole process, loading included) is
-printed beside it. Goal: at least 1.5x its tokens/s, at most 0.6x its peak memory.
+training, the loaded models included, for the MLX sides; max RSS (the whole process,
+loading included) is printed beside it, and is what is compared with TRL's (torch's
+allocations are not MLX's). Goals: at least 2x TRL's tokens/s at at most 0.5x its max
+RSS, and at least 2x mlx-lm-lora's at at most 0.45x its peak memory.
+
+Fraction of peak: the step's FLOPs (step_flops, from the model's shapes and each batch's
+padded shapes: forward and backward of the activations and the LoRA, no weight gradient
+for frozen weights, the head's recomputation not counted) over its time, against a
+2048^3 fp32 matmul through MLX measured in the same process right after the timed steps;
+with the tokens/s the step would reach at that rate throughout. TRL's GFLOP/s are counted
+the same way on its shapes (whole sequences, every position through the head).
 
 Measured on this machine (Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
-the embedded model in float32, nothing else running), three runs of the defaults: 131-140
-tok/s and 1.70 GB for mipo-mlx, 61-65 tok/s and 3.82 GB for mlx-lm-lora: speed
-2.03-2.31x, memory 0.45x. On 64 pairs of the quickstart run (prompts of 64 tokens, answers
-of 56-57), `--pairs runs/quickstart/pairs.jsonl`: 108.5 against 52.3 tok/s, 1.90 against
-4.22 GB: 2.08x and 0.45x. Without running each prompt once (whole sequences, as with
-gradient checkpointing): 1.72x and 0.51x.
+trl 1.16.0, peft 0.21.2, torch 2.13.0+cpu, the embedded model in float32; the defaults:
+16 pairs, batch 4, 8 timed steps), two runs while other engineers ran quickstart
+trainings and test suites beside them (load average 4.7 and 6.0, so absolute rates are
+below a quiet machine's; the ratios are side by side in one run):
+
+    mipo-mlx     121.6 / 78.6 tok/s   1.70 GB MLX peak, 2.23 GB max RSS
+    mlx-lm-lora   59.1 / 30.7 tok/s   3.82 GB MLX peak, 3.64 GB max RSS
+    TRL           33.3 / 16.8 tok/s   4.46 / 4.48 GB max RSS
+    against mlx-lm-lora: 2.06x / 2.56x tok/s, 0.45x peak memory
+    against TRL:         3.66x / 4.68x tok/s, 0.50x max RSS (2.23 / 4.46 and 4.48 GB)
+    the step: 0.432 GFLOP per counted token, 52.5 / 33.9 GFLOP/s = 57% / 52% of the sgemm
+    rate beside it (92.7 / 64.7 GFLOP/s): at that rate throughout, 215 / 150 tok/s
+
+TRL's reference log-probs were within 6.9e-3 of ours. With DPOConfig's default bf16
+autocast (not the same model: its log-probs move by up to 0.38), TRL ran at 125.9 tok/s
+and 3.83 GB beside our 141.4 tok/s and 2.23 GB (load 3.6): 1.12x and 0.58x. The issue's
+hand measurement (111.7 tok/s, 4.71 GB) and this benchmark's previous TRL side ran
+that default. No float32 step
+reaches 2x of it here: 2x is ~250 tok/s, and the step's FLOPs at 100% of this machine's
+quiet sgemm rate (~100 GFLOP/s) allow ~230.
+
+Profile of the step (perf, 6 steps of the defaults): OpenBLAS's sgemm ~52% of the
+samples (its packing copies ~8% of them), MLX's scalar exp ~14% (simd::exp<float, 1>
+calling libm's fmaf per element: swiglu's sigmoid, forward and recomputed in
+lean_swiglu's backward, the head's logsumexp and softmax), OpenBLAS's idle workers
+yielding ~10%, malloc and copies ~5%. Left as they are: keeping the sigmoid rather than
+recomputing it would buy a few percent of time with (rows, T, intermediate) floats per
+layer, and the step is at the 0.5x memory goal already; the head's input gradient taken
+in its forward (softmax @ W beside the log-probs) would save one of its three matmuls,
+~6% of the step's FLOPs, in scoring.py's head_logprobs, which inference shares.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -48,7 +94,9 @@ from unittest import mock
 
 import mipo_mlx  # before mlx: loads the fast BLAS
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx_lm.tuner.lora import LoRALinear
 
 from mipo_mlx.backend import describe_backend
 from mipo_mlx.convert import convert_model
@@ -57,9 +105,10 @@ from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.recipe import LoraConfig, TrainingConfig
 from mipo_mlx.rundir import Pair, read_pairs
-from mipo_mlx.trainer import Example, Trainer, build_examples, epoch_order, make_batches
+from mipo_mlx.trainer import Example, Trainer, build_examples, collate, epoch_order, make_batches
 
 MAX_SEQ_LENGTH = 1024
+SGEMM_SIZE = 2048  # a square fp32 matmul large enough for OpenBLAS's best rate on this machine
 SEED = 0  # the recipe's default: our trainer's batch order, replayed for mlx-lm-lora
 SIDES = {
     "mipo-mlx": "one model; reference log-probs read from the pairs; each prompt once, both answers in one forward",
@@ -90,6 +139,7 @@ def prepare(args, work: Path) -> str:
     if not examples:
         sys.exit(f"fewer than --batch-size {args.batch_size} usable pairs")
     (work / "examples.json").write_text(json.dumps([vars(e) for e in examples]))
+    (work / "shape.json").write_text(json.dumps(model_shape(loaded.model)))
     return compute
 
 
@@ -109,6 +159,67 @@ def warmup_steps(examples: list[Example], batch_size: int) -> int:
     return len(make_batches(examples, batch_size))
 
 
+def blas_threads() -> int:
+    """The threads MLX's matmuls run on: OpenBLAS's own count when mipo_mlx loaded it, else one per CPU."""
+    try:
+        return ctypes.CDLL(describe_backend()["blas"]).openblas_get_num_threads()
+    except (OSError, AttributeError):
+        return os.cpu_count()
+
+
+def sgemm_gflops(seconds: float = 2.0) -> float:
+    """This machine's fp32 matmul rate through MLX (and so through the BLAS mipo_mlx loaded): the peak we compare to."""
+    a, b = (mx.random.normal((SGEMM_SIZE, SGEMM_SIZE)) for _ in range(2))
+    mx.eval(a @ b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        mx.eval(a @ b)
+        count += 1
+    return 2 * SGEMM_SIZE**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def model_shape(model) -> dict:
+    """What the FLOP count needs: the matmuls of every layer, attention widths and the vocabulary head."""
+    frozen = lora = 0  # sum of in*out over frozen linears; sum of r*(in+out) over LoRA factors
+    for layer in model.layers:
+        for _, module in layer.named_modules():
+            if isinstance(module, LoRALinear):
+                (inputs, rank), outputs = module.lora_a.shape, module.lora_b.shape[1]
+                lora += rank * (inputs + outputs)
+            elif isinstance(module, nn.QuantizedLinear):
+                frozen += module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits
+            elif isinstance(module, nn.Linear):
+                frozen += module.weight.size
+    a = model.args
+    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+    return {"frozen": frozen, "lora": lora, "attention": len(model.layers) * a.num_attention_heads * head_dim,
+            "head": a.hidden_size * a.vocab_size}
+
+
+def step_flops(shape: dict, blocks: list[tuple[int, int, int]], head_positions: int) -> float:
+    """FLOPs of a forward and backward: blocks of (rows, queries, keys) through the body, the head on head_positions.
+
+    Frozen weights: forward and the activations' gradient (2 + 2 per weight and position),
+    no weight gradient. LoRA: forward, activations' and factors' gradients (2 + 2 + 2).
+    Attention scores and their weighted sum over every (query, key) pair the matmuls
+    compute, masked or not (4 per head dimension forward, 8 backward). The head as the
+    model's math has it (2 + 2): a backward that recomputes it (ours) is not counted.
+    """
+    positions = sum(rows * queries for rows, queries, _ in blocks)
+    pairs = sum(rows * queries * keys for rows, queries, keys in blocks)
+    return ((4 * shape["frozen"] + 6 * shape["lora"]) * positions + 12 * shape["attention"] * pairs
+            + 4 * shape["head"] * head_positions)
+
+
+def our_blocks(batch: tuple) -> tuple[list[tuple[int, int, int]], int]:
+    """step_flops' blocks and head positions for one of our collated batches."""
+    if len(batch) == 4:  # each prompt once, then both answers after it (scoring.pair_logprobs)
+        (pairs, prompt), (rows, answer) = batch[0].shape, batch[2].shape
+        return [(pairs, prompt, prompt), (rows, answer, prompt + answer)], rows * answer
+    (rows, width), scored = batch[0].shape, batch[1].shape[1]  # whole sequences, the head on the last targets
+    return [(rows, width - 1, width - 1)], rows * scored
+
+
 def bench_ours(args, work: Path, examples: list[Example]) -> dict:
     loaded = load_model(str(work / "model"))
     apply_lora(loaded.model, LoraConfig())
@@ -119,11 +230,18 @@ def bench_ours(args, work: Path, examples: list[Example]) -> dict:
     mx.reset_peak_memory()
     for _ in range(warmup):
         trainer.train_step()
+    shape = json.loads((work / "shape.json").read_text())
+    flops = 0.0
+    for indices in step_batches(examples, args.batch_size, warmup + args.steps)[warmup:]:
+        flops += step_flops(shape, *our_blocks(collate(examples, indices, trainer.pad_id, trainer.shared_prompts)[0]))
     start, tokens = time.perf_counter(), 0
     for _ in range(args.steps):
         tokens += trainer.train_step()["tokens"]
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9, "version": mipo_mlx.__version__}
+    peak = mx.get_peak_memory() / 1e9
+    # Measured right after the timed steps, in the same process: under the same load as they ran.
+    return {"tokens": tokens, "seconds": seconds, "peak_gb": peak, "version": mipo_mlx.__version__, "flops": flops,
+            "sgemm_gflops": sgemm_gflops()}
 
 
 def bench_mlx_lm_lora(args, work: Path, examples: list[Example]) -> dict:
@@ -176,12 +294,14 @@ def bench_mlx_lm_lora(args, work: Path, examples: list[Example]) -> dict:
 
 def bench_trl(args, work: Path, examples: list[Example]) -> dict:
     import datasets
+    import peft
     import torch
     import trl
     from peft import LoraConfig as PeftLoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    torch.set_num_threads(os.cpu_count())  # OpenBLAS runs ours on every core too
+    threads = blas_threads()
+    torch.set_num_threads(threads)  # as many as OpenBLAS runs MLX's matmuls on
     # TRL's default is gradient checkpointing; ours (and mlx-lm-lora's run here) keep the activations.
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
@@ -192,6 +312,8 @@ def bench_trl(args, work: Path, examples: list[Example]) -> dict:
     rows = [{"prompt_ids": examples[i].prompt, "chosen_ids": examples[i].chosen[0][examples[i].chosen[1]:],
              "rejected_ids": examples[i].rejected[0][examples[i].rejected[1]:]} for batch in plan for i in batch]
     tokens_per_step = [sum(len(examples[i].chosen[0]) + len(examples[i].rejected[0]) for i in b) for b in plan]
+    # Its collation: chosen and rejected whole, right-padded to the batch's longest; logits at every position.
+    widths = [max(len(getattr(examples[i], side)[0]) for i in b for side in ("chosen", "rejected")) for b in plan]
     step_times = []
 
     class Clock(TrainerCallback):
@@ -203,6 +325,7 @@ def bench_trl(args, work: Path, examples: list[Example]) -> dict:
         learning_rate=training.learning_rate, adam_beta1=training.adam_betas[0], adam_beta2=training.adam_betas[1],
         max_grad_norm=training.max_grad_norm, beta=training.beta, loss_type=["sigmoid"], max_length=MAX_SEQ_LENGTH,
         precompute_ref_log_probs=True, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        bf16=False,  # DPOConfig's default is bf16 autocast, on the CPU too: the same float32 math as ours instead
         dataloader_num_workers=0, remove_unused_columns=False, seed=SEED,
     )
     peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale * lora.rank, lora_dropout=lora.dropout,
@@ -212,9 +335,17 @@ def bench_trl(args, work: Path, examples: list[Example]) -> dict:
                               lambda self, *a, **k: torch.utils.data.SequentialSampler(self.train_dataset)):
         trainer = trl.DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+        # Its precomputed reference against ours (scored by MLX when the pairs were prepared): the same model and tokens.
+        ref_error = max(abs(row[f"ref_{side}_logps"] - getattr(examples[i], f"ref_{side}"))
+                        for row, i in zip(trainer.train_dataset, (i for b in plan for i in b)) for side in ("chosen", "rejected"))
         trainer.train()
+    shape = json.loads((work / "shape.json").read_text())
+    flops = sum(step_flops(shape, [(2 * args.batch_size, width, width)], 2 * args.batch_size * (width - 1))
+                for width in widths[warmup:])
     return {"tokens": sum(tokens_per_step[warmup:]), "seconds": step_times[-1] - step_times[warmup - 1],
-            "peak_gb": None, "version": f"trl {trl.__version__}, peft, torch {torch.__version__}"}
+            "peak_gb": None, "flops": flops, "ref_error": ref_error, "blas": "MKL" if torch.backends.mkl.is_available() else "torch's",
+            "version": f"trl {trl.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
+                       f"{type(model).__name__} in {model.dtype}, {threads} threads"}
 
 
 def run_side(args) -> None:
@@ -224,7 +355,8 @@ def run_side(args) -> None:
     work = Path(args.work)
     examples = read_examples(work)
     result = {"mipo-mlx": bench_ours, "mlx-lm-lora": bench_mlx_lm_lora, "trl": bench_trl}[args.side](args, work, examples)
-    result.update(blas=describe_backend()["blas"], max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    result = {"blas": describe_backend()["blas"], **result,
+              "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     (work / f"{args.side}.json").write_text(json.dumps(result))
 
 
@@ -262,8 +394,17 @@ def main() -> None:
           f"{warmup_steps(examples, args.batch_size)}; {os.cpu_count()} CPUs, mlx {backend['mlx']}, load {os.getloadavg()[0]:.1f}")
     for side, r in results.items():
         peak = f"peak memory {r['peak_gb']:.2f} GB" if r["peak_gb"] is not None else "peak memory (MLX) n/a"
-        print(f"{side + ':':13} {r['tokens'] / r['seconds']:8.1f} tok/s   {peak}   max RSS {r['max_rss_gb']:.2f} GB   "
+        rate = f"{r['flops'] / r['seconds'] / 1e9:6.1f} GFLOP/s   " if "flops" in r else ""
+        print(f"{side + ':':13} {r['tokens'] / r['seconds']:8.1f} tok/s   {rate}{peak}   max RSS {r['max_rss_gb']:.2f} GB   "
               f"BLAS {r['blas']}\n{'':14}{r['version']}: {SIDES[side]}")
+    if "mipo-mlx" in results:
+        r = results["mipo-mlx"]
+        achieved, peak_rate = r["flops"] / r["seconds"] / 1e9, r["sgemm_gflops"]
+        print(f"mipo-mlx step: {r['flops'] / r['tokens'] / 1e9:.3f} GFLOP per token counted, {achieved:.1f} GFLOP/s = "
+              f"{achieved / peak_rate:.0%} of this machine's sgemm ({peak_rate:.1f} GFLOP/s, {SGEMM_SIZE}^3 fp32 through "
+              f"MLX, right after); at that rate throughout: {r['tokens'] * peak_rate * 1e9 / r['flops']:.0f} tok/s")
+    if "trl" in results:
+        print(f"TRL's precomputed reference log-probs against ours: at most {results['trl']['ref_error']:.1e} apart")
     speed = lambda side: (results["mipo-mlx"]["tokens"] / results["mipo-mlx"]["seconds"]) / (
         results[side]["tokens"] / results[side]["seconds"])
     if "mipo-mlx" in results and "mlx-lm-lora" in results:
