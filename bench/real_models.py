@@ -187,8 +187,9 @@ def bench_model(key: str, cache: Path, args) -> dict:
     result["train_s"] = run_cli("train", "recipes/quickstart.yaml", *[a for o in overrides for a in ("--set", o)])
 
     from mipo_mlx.report import read_outputs
+    from mipo_mlx.rundir import COMPARE_DIR
 
-    metrics, _ = read_outputs(run_dir / "compare")
+    metrics, _ = read_outputs(run_dir / COMPARE_DIR)
     result["adherence"] = metrics["adherence/overall"]
     result["export_s"] = run_cli("export", str(run_dir), "--to", str(export_dir), "--format", "peft",
                                  "--base-model", source.base_model)
