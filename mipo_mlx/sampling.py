@@ -30,7 +30,7 @@ from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
-from mipo_mlx.scoring import score_pairs
+from mipo_mlx.scoring import SCORING_ROWS, score_pairs
 from mipo_mlx.seeds import derived_seed
 
 
@@ -100,8 +100,8 @@ def known_answers(pairs: dict[str, Pair]) -> dict[str, Answer]:
     return answers
 
 
-# Pairs whose answers are scored in one reference pass (8 answers, scoring.SCORING_ROWS).
-SCORING_PAIRS = 4
+# Pairs whose answers are scored in one reference pass (score_pairs runs SCORING_ROWS answers at a time).
+SCORING_PAIRS = SCORING_ROWS // 2
 
 
 class StreamedAnswers:
