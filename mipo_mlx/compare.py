@@ -3,11 +3,11 @@
     mipo-mlx compare runs/quickstart              # also the last stage of `mipo-mlx train`
 
 One loaded model answers each held-out prompt twice, adapter off and on, with the same
-sampler and seed. Written to RUN_DIR/compare/: answers.jsonl (side by side, with the
-per-prompt preference checks), metrics.json and report.md. Every metric has its sample
-size, a bootstrap 95% interval, and a paired permutation test of after vs before (a
-metric with nothing to measure, such as Self-BLEU of one answer, is null in metrics.json
-and n/a in the report):
+sampler and seed; the adapter is the run's final one (its last round's, training.rounds).
+Written to RUN_DIR/compare/: answers.jsonl (side by side, with the per-prompt preference
+checks), metrics.json and report.md. Every metric has its sample size, a bootstrap 95%
+interval, and a paired permutation test of after vs before (a metric with nothing to
+measure, such as Self-BLEU of one answer, is null in metrics.json and n/a in the report):
 - mutual information on the held-out pairs (those the trainer set aside): the PMI
   estimate log p(y | x) - log p(y | x'), with y the chosen answer, x its prompt and x'
   the prompt the negative came from, under the base and under the adapted model; and the
@@ -41,11 +41,11 @@ from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
-from mipo_mlx.lora import adapter_disabled, load_adapter, lora_layers
+from mipo_mlx.lora import adapter_disabled, use_adapter
 from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.report import report_summary, write_outputs
-from mipo_mlx.rundir import ADAPTERS_DIR, COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
+from mipo_mlx.rundir import COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
 from mipo_mlx.scoring import score_answers
 
 PROMPT_FORMATS = {
@@ -158,10 +158,8 @@ def run_stage(run, load_model) -> dict:
     loaded = load_model()
     records = read_prompts(recipe.data.test, recipe.data.format, recipe.data.on_bad_line,
                            key="data.test")[: recipe.eval.max_prompts]
-    model, tokenizer, adapter_dir = loaded.model, loaded.tokenizer, run.path(ADAPTERS_DIR)
-    if not lora_layers(model):
-        load_adapter(model, adapter_dir)
-    model.eval()
+    model, tokenizer, adapter_dir = loaded.model, loaded.tokenizer, run.final_adapter
+    use_adapter(model, adapter_dir)  # the saved one: training may have ended at a later step than it selected
     judge = recipe.eval.judge_model and load_judge(recipe.eval.judge_model, loaded, recipe.seed, key="eval.judge_model")
     run.events.emit("stage_started", stage="compare", total=2 * len(records), unit="answers")
     rows, metrics = answer_and_score(model, tokenizer, records, recipe.eval, recipe.seed, judge=judge)

@@ -26,6 +26,16 @@ def format_metrics(record: dict) -> str:
     return f"{split}step {record.get('step', '?')}  " + "  ".join(shown)
 
 
+def round_line(record: dict) -> str:
+    """A round_finished event in one line: the round's held-out DPO loss, reward accuracy and probe loops."""
+    held_out, selected = record.get("held_out") or {}, record.get("selected") or {}
+    shown = [f"{label} {held_out[name]:.3g}" for name, label in (
+        ("loss", "held-out loss"), ("rewards/accuracies", "reward accuracy"),
+        ("generation/repetition_loop", "probe loops")) if isinstance(held_out.get(name), (int, float))]
+    shown.append(f"adapter of step {selected.get('step', '?')} ({selected.get('selected_by', '?')})")
+    return f"round {record['round']} of {record['rounds']}: " + ", ".join(shown)
+
+
 def progress_line(record: dict) -> str:
     done, total = record["done"], record.get("total") or 0
     filled = int(BAR_WIDTH * done / total) if total else 0
@@ -72,6 +82,10 @@ class ConsoleObserver:
             self._print(f"== {record['stage']}: {record.get('total', '?')} {record.get('unit', '')}")
         elif event == "stage_finished":
             self._print(f"== {record['stage']} done in {format_duration(record.get('seconds'))}")
+        elif event == "round_started":
+            self._print(f"==== round {record['round']} of {record['rounds']}")
+        elif event == "round_finished":
+            self._print(f"==== {round_line(record)}")
         elif event == "checkpoint_saved":
             self._print(f"checkpoint at step {record['step']}: {record['path']}")
         elif event == "run_finished":

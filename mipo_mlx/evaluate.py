@@ -33,7 +33,9 @@ from mipo_mlx.lora import load_adapter
 from mipo_mlx.preflight import check_adapter, check_model, check_output_folder
 from mipo_mlx.recipe import BUNDLED_PREFIX, DataConfig, EvalConfig, field_value
 from mipo_mlx.report import report_summary, write_outputs
-from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, METRICS_FILE, REPORT_FILE
+from mipo_mlx.rundir import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, METRICS_FILE, REPORT_FILE, final_adapter_dir,
+)
 
 logger = logging.getLogger("mipo_mlx")
 EVALS_DIR = Path("evals")
@@ -79,8 +81,8 @@ def add_arguments(parser) -> None:
 
 
 def adapter_directory(path: str) -> Path:
-    """The adapter directory named by --adapter: itself, or a run directory's adapters/."""
-    for candidate in (Path(path), Path(path) / ADAPTERS_DIR):
+    """The adapter directory named by --adapter: itself, or a run directory's final adapter (its last round's)."""
+    for candidate in (Path(path), final_adapter_dir(Path(path))):
         if (candidate / ADAPTER_WEIGHTS).is_file():
             return candidate
     raise UserError(f"no adapter in {path}; give a directory with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
@@ -116,7 +118,8 @@ def run(args) -> int:
     check_model(args.model, key="MODEL")
     if eval_config.judge_model and eval_config.judge_model != args.model:
         check_model(eval_config.judge_model, key="--judge-model")
-    out = Path(args.out) if args.out else default_out(args.model, adapter)
+    named = Path(args.adapter) if args.adapter else None  # the folder given, not the round's adapters/ inside it
+    out = Path(args.out) if args.out else default_out(args.model, named)
     check_output_folder(out, "--out")
     loaded = load_named(args.model, "MODEL", compute=args.compute)
     if adapter is not None:

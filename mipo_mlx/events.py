@@ -21,6 +21,8 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
 | recipe_changed   | changes: {key: [before, after]} that `--resume --set` made (rundir.RESUMABLE_CHANGES) |
 | note             | level ("info" or "warning"), text                                      |
 | stage_finished   | stage, seconds, and a summary of the stage's counts                   |
+| round_started    | round, rounds: training.rounds > 1, before a round's sample stage      |
+| round_finished   | round, rounds, adapter (path), held_out (the train stage's), selected  |
 | run_finished     | status ("completed" or "stopped"), seconds                            |
 | run_failed       | error (one line), stage                                                |
 
@@ -47,6 +49,8 @@ EVENT_NAMES = (
     "recipe_changed",
     "note",
     "stage_finished",
+    "round_started",
+    "round_finished",
     "run_finished",
     "run_failed",
 )

@@ -54,7 +54,7 @@ from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
 from mipo_mlx.preflight import check_adapter, check_model, check_output_folder
 from mipo_mlx.recipe import is_hub_id
 from mipo_mlx.rundir import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, PAIRS_FILE, RECIPE_FILE, Run, read_pairs, reopen_run,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, PAIRS_FILE, RECIPE_FILE, Run, read_pairs, reopen_run,
 )
 from mipo_mlx.scoring import answer_logprobs, pad_batch
 
@@ -175,7 +175,7 @@ def check_export(run: Run, out: Path, formats: list[str], keep_quantized: bool) 
     check_output_folder(out, "--to")
     if keep_quantized and "fused" not in formats:
         raise UserError("it applies to the fused model; add --format fused or drop the flag", key="--keep-quantized")
-    adapter_dir = run.path(ADAPTERS_DIR)
+    adapter_dir = run.final_adapter
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"{adapter_dir} holds no trained adapter; finish the run first (mipo-mlx train RECIPE --resume)", key="RUN_DIR"
@@ -202,7 +202,7 @@ def export_run(
     out = Path(out)
     check_export(run, out, formats, keep_quantized)
     remove_staging(out.parent, out.name)
-    adapter_dir = run.path(ADAPTERS_DIR)
+    adapter_dir = run.final_adapter
     recipe, started = run.recipe, time.time()
     source_gguf = base_gguf_path(recipe.model.path)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -242,7 +242,7 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
     """Merge the adapter into the base for fused/ and gguf/, measuring the drift from the adapted model."""
     model, tokenizer = loaded.model, loaded.tokenizer
     float_config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
-    load_adapter(model, run.path(ADAPTERS_DIR))
+    load_adapter(model, run.final_adapter)
     probes = probe_batch(run.dir, tokenizer)
     reference = answer_logprobs(model, *probes)  # (B,) the adapted model as trained
     mx.eval(reference)
@@ -263,7 +263,7 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
     if not is_quantized(quantized.model):
         raise UserError("the base model is not quantized, so there is nothing to keep; drop --keep-quantized",
                         key="--keep-quantized")
-    load_adapter(quantized.model, run.path(ADAPTERS_DIR))
+    load_adapter(quantized.model, run.final_adapter)
     requantized = fuse_lora(quantized.model, dequantize=False)
     result.drift["fused"] = _drift(requantized, probes, reference)
     write_model_dir(staging / FORMAT_DIRS["fused"], requantized, quantized.config, quantized.tokenizer)

@@ -4,6 +4,7 @@
     with adapter_disabled(model): ...              # the base model, from the same weights
     config = adapter_config(model, recipe.lora, "smollm2-135m", seed=0)
     save_adapter(model, run_dir / "adapters", config)
+    use_adapter(model, run_dir / "adapters")        # that adapter on, whether the model has LoRA layers yet or not
     mlx_lm.load(base, adapter_path=run_dir / "adapters")
 
 The base may be quantized (QLoRA: mlx-lm wraps QuantizedLinear the same way) or float;
@@ -102,3 +103,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         return load_adapters(model, str(directory)).eval()
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"cannot load this adapter for this model: {error}", file=str(directory)) from None
+
+
+def use_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """`model` with the adapter saved in `directory` on, in eval mode: its weights into the LoRA layers the model has
+    (another adapter's, or those training left at a later step than the one saved), else new layers (load_adapter)."""
+    if not lora_layers(model):
+        model.freeze()  # only lora_a and lora_b trainable, as after apply_lora: mlx-lm's loader freezes nothing
+        return load_adapter(model, directory)
+    model.load_weights(str(Path(directory) / ADAPTER_WEIGHTS), strict=False)
+    return model.eval()

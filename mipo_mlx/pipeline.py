@@ -12,6 +12,13 @@ A command checks everything first (preflight.py), then loads the model, and only
 opens the run directory: a mistake found by either leaves nothing behind, so the same
 command runs again once it is fixed. A resumed run says in one line what it continues
 from (the pairs sampled, the checkpoint, what --set changed).
+
+With training.rounds: R > 1 (iterative MIPO), `train` runs the sample and train stages once
+per round, each round in its own folder of the run (rundir.Run.in_round), then compare
+once, on the last round's adapter. A resumed run skips the rounds before the last that
+finished (their adapter is there) and goes on in the one it was in. round_started and
+round_finished events mark the rounds; each round's held-out metrics are in its
+round_finished event and in the summaries (`rounds`), and `train` prints them at the end.
 """
 
 import dataclasses
@@ -21,11 +28,11 @@ import logging
 import os
 import time
 
-from mipo_mlx.console import ConsoleObserver
-from mipo_mlx.events import EventLog
+from mipo_mlx.console import ConsoleObserver, round_line
+from mipo_mlx.events import EventLog, read_events
 from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
-from mipo_mlx.rundir import COMPARE_DIR, ResumePoint, Run, open_run
+from mipo_mlx.rundir import ADAPTER_WEIGHTS, COMPARE_DIR, EVENTS_FILE, ResumePoint, Run, open_run
 
 # Stage name -> module with run_stage(run, load_model); train chains them in this order.
 STAGES = {
@@ -33,6 +40,8 @@ STAGES = {
     "train": "mipo_mlx.trainer",
     "compare": "mipo_mlx.compare",
 }
+# The stages run once per round of training.rounds, in each round's folder; the others run once, after the rounds.
+ROUND_STAGES = ("sample", "train")
 logger = logging.getLogger("mipo_mlx")
 
 
@@ -74,7 +83,34 @@ def resume_line(run: Run, point: ResumePoint, stages: list[str]) -> str:
     if run.changed:
         parts.append("changed by --set: " + ", ".join(f"{key} {before!r} -> {after!r}"
                                                       for key, (before, after) in run.changed.items()))
-    return f"resuming {run.dir}: " + "; ".join(parts)
+    rounds = run.recipe.training.rounds if "train" in stages else 1
+    where = f" in round {point.round} of {rounds}" if rounds > 1 else ""
+    return f"resuming {run.dir}{where}: " + "; ".join(parts)
+
+
+def start_round(run: Run, number: int, rounds: int) -> bool:
+    """Whether round `number` of a run of several is to run (one before the last that finished is not); says which."""
+    adapter = run.adapter_of_round(number)
+    if number < rounds and (adapter / ADAPTER_WEIGHTS).is_file():
+        logger.info(f"round {number} of {rounds} finished before: its adapter is {adapter}")
+        return False
+    run.events.emit("round_started", round=number, rounds=rounds)
+    return True
+
+
+def finish_round(run: Run, number: int, rounds: int, summaries: dict) -> dict:
+    """The round's summary (its stages' and held-out evidence), as a round_finished event too."""
+    train = summaries["train"]
+    run.events.emit("round_finished", round=number, rounds=rounds, adapter=str(run.adapter_of_round(number)),
+                    held_out=train["held_out"], selected=train["selected"])
+    return {stage: summaries[stage] for stage in ROUND_STAGES}
+
+
+def round_lines(run: Run) -> list[str]:
+    """A line for each finished round (console.round_line), from the event log: those of earlier starts too."""
+    events, _ = read_events(run.path(EVENTS_FILE))
+    last = {event["round"]: event for event in events if event["event"] == "round_finished"}
+    return [round_line(last[number]) for number in sorted(last)]
 
 
 def run_stages(run: Run, stages: list[str], load_model=None, notes: list[str] = ()) -> dict:
@@ -94,11 +130,19 @@ def run_stages(run: Run, stages: list[str], load_model=None, notes: list[str] = 
     for note in notes:
         logger.info(note)
     load_model = load_model or model_loader(run.recipe)
+    rounds = run.recipe.training.rounds if "train" in stages else 1
     summaries, stage = {}, None
     try:
-        for stage in stages:
-            module = importlib.import_module(STAGES[stage])
-            summaries[stage] = module.run_stage(run, load_model)
+        for number in range(1, rounds + 1):
+            if rounds > 1 and not start_round(run, number, rounds):
+                continue
+            current = run.in_round(number)
+            for stage in [name for name in stages if name in ROUND_STAGES]:
+                summaries[stage] = importlib.import_module(STAGES[stage]).run_stage(current, load_model)
+            if rounds > 1:
+                summaries.setdefault("rounds", {})[number] = finish_round(run, number, rounds, summaries)
+        for stage in [name for name in stages if name not in ROUND_STAGES]:
+            summaries[stage] = importlib.import_module(STAGES[stage]).run_stage(run, load_model)
     except KeyboardInterrupt:
         run.events.emit("run_finished", status="stopped", seconds=time.time() - started_at)
         raise
@@ -139,6 +183,8 @@ def run(args) -> int:
     current = open_run(recipe, resume=resume, observers=[ConsoleObserver()])
     notes = [resume_line(current, checked.resume, stages)] if checked.resume else []
     run_stages(current, stages, load_model, notes)
+    if "train" in stages and recipe.training.rounds > 1:
+        print("\n".join(round_lines(current)))
     if "compare" in stages:
         from mipo_mlx.report import report_summary
 

@@ -219,6 +219,11 @@ class TrainingConfig:
     probe_prompts: int = _field(
         8, "Held-out prompts answered greedily at each held-out evaluation, to report repetition loops and answer "
         "length while training (0 turns it off; at most 256: each evaluation answers them all).", min=0, max=256)
+    rounds: int = _field(
+        1, "Rounds of iterative MIPO: each round after the first samples new pairs from the model the round before "
+        "made (the base with its adapter), which is then the reference, and trains that adapter on (at most 100: "
+        "each round samples every prompt again).",
+        min=1, max=100)
 
     def __post_init__(self):
         if self.select_checkpoint != "last" and not self.eval_fraction:

@@ -6,6 +6,7 @@
     writer = PairsWriter(run.path(PAIRS_FILE))    # the sample stage's: writer.written, writer.append(pair)
     latest_checkpoint(run.dir)                    # runs/quickstart/checkpoints/step-000040, or None
     good, damaged = usable_checkpoint(run.dir)    # the newest whole checkpoint, and the newer damaged ones
+    second = run.in_round(2)                      # round 2's files (training.rounds), in rounds/2/
 
     OUTPUT_DIR/RUN_NAME/
         recipe.yaml               the resolved recipe, every key written out
@@ -16,6 +17,14 @@
         adapters/                 the final adapter, mlx-lm's format: adapters.safetensors, adapter_config.json
         compare/                  answers.jsonl, metrics.json, report.md: before and after
         console.log               what a run started from the TUI printed
+        rounds/N/                 round N of training.rounds (N >= 2): its pairs.jsonl, checkpoints/ and adapters/
+
+Iterative MIPO (training.rounds: R) runs the sample and train stages once per round, each
+round in its own folder: round 1's is the run directory itself (so a run of one round has
+only the files above), round N's is rounds/N/. Round N's pairs are sampled, and their
+reference log-probs scored, by the base model with round N-1's adapter; its adapter goes on
+training from that adapter's weights. The final adapter is the last round's
+(final_adapter_dir); compare reads round 1's pairs, which the base model sampled.
 
 Stages meet only through these files; this module is the one owner of their names and of
 the pairs record, and imports no MLX, so that the TUI can read runs with it.
@@ -48,6 +57,7 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTERS_DIR = "adapters"
 COMPARE_DIR = "compare"
 CONSOLE_LOG = "console.log"
+ROUNDS_DIR = "rounds"
 # An adapter folder (adapters/, each checkpoint, an export's mlx/), as mlx-lm's load_adapters reads it.
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -87,6 +97,7 @@ class Run:
     resumed: the run existed before this start. read_only: opened by a command that reads it
     (compare, export), whose events go to its observers and not into the run's event log.
     changed: what `--resume --set` changed at this start, {key: (before, after)}.
+    round: the round (training.rounds) whose files dir holds; dir is round_dir(home, round).
     """
 
     recipe: Recipe
@@ -95,13 +106,52 @@ class Run:
     resumed: bool = False
     read_only: bool = False
     changed: dict = field(default_factory=dict)
+    round: int = 1
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    @property
+    def home(self) -> Path:
+        """The run directory itself, whichever round's folder dir is."""
+        return self.dir if self.round == 1 else self.dir.parent.parent
+
+    def in_round(self, number: int) -> "Run":
+        """The run as round `number`'s stages see it: dir is that round's folder (made when it is not there yet)."""
+        directory = round_dir(self.home, number)
+        if not self.read_only:
+            directory.mkdir(parents=True, exist_ok=True)
+        return dataclasses.replace(self, dir=directory, round=number)
+
+    def adapter_of_round(self, number: int) -> Path:
+        """The adapters/ folder round `number` ends with."""
+        return round_dir(self.home, number) / ADAPTERS_DIR
+
+    @property
+    def final_adapter(self) -> Path:
+        """The run's adapter: the last round's."""
+        return self.adapter_of_round(self.recipe.training.rounds)
+
 
 def run_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.run_name
+
+
+def round_dir(run_dir: Path, number: int) -> Path:
+    """The folder of round `number`'s pairs, checkpoints and adapter: the run directory for round 1, else rounds/N."""
+    return Path(run_dir) if number == 1 else Path(run_dir) / ROUNDS_DIR / str(number)
+
+
+def started_rounds(run_dir: Path) -> list[int]:
+    """The rounds that have a folder in the run directory, in order (round 1 always)."""
+    found = [int(path.name) for path in (Path(run_dir) / ROUNDS_DIR).glob("*") if path.name.isdigit() and path.is_dir()]
+    return [1, *sorted(n for n in found if n > 1)]
+
+
+def final_adapter_dir(run_dir: Path) -> Path:
+    """adapters/ of a run directory's last round (training.rounds of its saved recipe; 1 without one)."""
+    rounds = saved_recipe(run_dir, check_paths=False).training.rounds if (Path(run_dir) / RECIPE_FILE).is_file() else 1
+    return round_dir(run_dir, rounds) / ADAPTERS_DIR
 
 
 def is_run_dir(path: Path) -> bool:
@@ -169,7 +219,10 @@ def open_run(recipe: Recipe, *, resume: bool, observers: list = ()) -> Run:
         )
     changes = recipe_changes(recipe_path, recipe) if started else {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    removed = remove_staging(run_dir) + remove_staging(run_dir / CHECKPOINTS_DIR)
+    removed = []
+    for number in started_rounds(run_dir):
+        folder = round_dir(run_dir, number)
+        removed += remove_staging(folder) + remove_staging(folder / CHECKPOINTS_DIR)
     if changes or not started:
         replace_file(recipe_path, dump_recipe(recipe))
     events = EventLog(run_dir / EVENTS_FILE, observers=observers)
@@ -299,21 +352,31 @@ class ResumePoint:
     checkpoint: Path | None
     state: dict | None  # the checkpoint's state.json
     damaged: list[tuple[Path, str]]  # newer checkpoints with what is wrong with them
+    round: int = 1  # the round these are of: the newest one started (training.rounds)
 
 
 def resume_point(run_dir: Path) -> ResumePoint:
-    """Where the run in `run_dir` stands (a UserError if a pairs line is not a sampled pair or no checkpoint is whole)."""
-    pairs = sampled_pairs(Path(run_dir) / PAIRS_FILE)
-    good, damaged = usable_checkpoint(run_dir)
+    """Where the run in `run_dir` stands, in its newest round (a UserError if a pairs line is not a sampled pair or no
+    checkpoint is whole)."""
+    number = started_rounds(run_dir)[-1]
+    folder = round_dir(run_dir, number)
+    pairs = sampled_pairs(folder / PAIRS_FILE)
+    good, damaged = usable_checkpoint(folder)
     if damaged and good is None:
-        raise no_checkpoint_left(run_dir, damaged)
-    return ResumePoint(len(pairs), good, read_checkpoint_state(good) if good else None, damaged)
+        raise no_checkpoint_left(folder, damaged)
+    return ResumePoint(len(pairs), good, read_checkpoint_state(good) if good else None, damaged, number)
 
 
 def latest_adapter(run_dir: Path) -> Path | None:
-    """The final adapter, or else the newest checkpoint of a run still training; None before the first."""
-    final = Path(run_dir) / ADAPTERS_DIR
-    return final if (final / ADAPTER_WEIGHTS).is_file() else latest_checkpoint(run_dir)
+    """The newest round's adapter, or else its newest checkpoint while it trains (else the round's before); None
+    before the first."""
+    for number in reversed(started_rounds(run_dir)):
+        folder = round_dir(run_dir, number)
+        final = folder / ADAPTERS_DIR
+        found = final if (final / ADAPTER_WEIGHTS).is_file() else latest_checkpoint(folder)
+        if found:
+            return found
+    return None
 
 
 def is_held_out(prompt_id: str, fraction: float, seed: int) -> bool:
@@ -345,8 +408,8 @@ class MipoRecord:
     finish: dict | None = None  # {"chosen", "rejected"}: "stop" (end of turn) or "length" (cut at max_tokens)
     requests: dict | None = None  # {"chosen", "rejected"}: generation request ids; a resumed sample stage reuses answers by them
     sampling: dict | None = None  # {"temperature", "top_p", "max_tokens"}: the sampler of both answers
-    model: str | None = None  # model.path that sampled and scored the answers
-    seed: int | None = None  # the recipe's seed
+    model: str | None = None  # model.path that sampled and scored the answers (from round 2 on, with an adapter on)
+    seed: int | None = None  # the sampling seed: the recipe's, or its round's (sampling.round_seed)
 
 
 MIPO_FIELDS = {f.name for f in dataclasses.fields(MipoRecord)}

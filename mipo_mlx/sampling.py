@@ -19,6 +19,11 @@ SCORING_PAIRS in the plan's order (the reference pass of a group is the same wha
 generated it), one flushed line per pair. A rerun recovers answers from the pairs already
 written, generates only the answers it still needs (identically), and appends the missing
 pairs in the same order: a killed run ends with exactly the pairs of an uninterrupted one.
+
+Iterative MIPO (training.rounds): from round 2 on, the model that samples and scores is the
+base with the previous round's adapter on (lora.use_adapter, as compare and eval put an
+adapter on), so the stored reference log-probs are that model's, the reference its round
+trains against; and the seed is the round's own (round_seed), so its answers draw new noise.
 """
 
 import random
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
+from mipo_mlx.lora import use_adapter
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
 from mipo_mlx.scoring import SCORING_ROWS, score_pairs
@@ -152,14 +158,14 @@ def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[flo
     )
 
 
-def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe) -> list[Pair]:
+def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe, seed: int) -> list[Pair]:
     """The planned pairs with both answers (generated as needed) and their reference log-probs."""
     loaded = answers.loaded
     sides = [(answers.get(plan.chosen), answers.get(plan.rejected)) for plan in plans]
     # Both answers are scored as answers to the full prompt x.
     items = [(plan.record.messages(), chosen.text, rejected.text) for plan, (chosen, rejected) in zip(plans, sides)]
     logps, counts = score_pairs(loaded.model, loaded.tokenizer, items)
-    return [make_pair(plan, chosen, rejected, pair_logps, tokens, recipe.sampling, loaded.source, recipe.seed)
+    return [make_pair(plan, chosen, rejected, pair_logps, tokens, recipe.sampling, loaded.source, seed)
             for plan, (chosen, rejected), pair_logps, tokens in zip(plans, sides, logps, counts)]
 
 
@@ -179,10 +185,24 @@ def drop_reason(pair: Pair, sampling) -> str | None:
     return None
 
 
+def round_seed(seed: int, number: int) -> int:
+    """The sampling seed of round `number`: the recipe's seed in round 1, one derived from it after."""
+    return seed if number == 1 else derived_seed(seed, "round", number)
+
+
+def sampling_model(run, load_model):
+    """The model that samples and scores the run's round: the base, with the previous round's adapter from round 2."""
+    loaded = load_model()
+    if run.round > 1:
+        use_adapter(loaded.model, run.adapter_of_round(run.round - 1))
+    return loaded
+
+
 def run_stage(run, load_model) -> dict:
     recipe, sampling = run.recipe, run.recipe.sampling
+    seed = round_seed(recipe.seed, run.round)
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
-    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
+    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed)
     pairs_file = PairsWriter(run.path(PAIRS_FILE))
     written = pairs_file.written
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]
@@ -193,13 +213,13 @@ def run_stage(run, load_model) -> dict:
     started, dropped, answers = time.time(), {}, None
     if todo:  # a finished pairs file: nothing to load or generate
         settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
-        answers = StreamedAnswers(load_model(), [r for p in todo for r in (p.chosen, p.rejected)], settings,
-                                  recipe.seed, sampling.batch_size, known_answers(written))
+        answers = StreamedAnswers(sampling_model(run, load_model), [r for p in todo for r in (p.chosen, p.rejected)],
+                                  settings, seed, sampling.batch_size, known_answers(written))
         run.events.emit("note", level="info", text=f"sampling: {len(answers.todo)} answers to generate, "
                         f"{answers.decoder.batch_size} at a time")
     for g in range(first, len(groups)) if todo else []:
         # The whole group is scored, written pairs too, so that its reference pass is the uninterrupted run's.
-        for pair in sample_pairs(groups[g], answers, recipe):
+        for pair in sample_pairs(groups[g], answers, recipe, seed):
             if pair.mipo.id in written:
                 continue
             reason = drop_reason(pair, sampling)

@@ -23,7 +23,7 @@ Besides the DPO loss (dpo.py; DPO-Positive with training.dpop_lambda): an NLL te
 chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensitization
 (training.ld_alpha: answer tokens past the shorter answer of a pair count with weight
 alpha, in the policy's and in the reference's log-probs, which are then scored once here
-with the adapter off).
+by the model as training starts: the base, or in a later round the previous round's model).
 
 Held-out evidence (fit): every training.eval_every steps the held-out pairs' DPO metrics,
 and training.probe_prompts held-out prompts answered greedily, with the share of answers
@@ -48,6 +48,19 @@ tensors (names, shapes, dtypes) this recipe's adapter and optimizer have, before
 any of it; a damaged one is reported in one line, set aside and the one before it used.
 Ctrl+C (the TUI's stop button sends SIGINT) finishes the current step, saves a checkpoint
 and stops; a second Ctrl+C stops at once, keeping the last checkpoint.
+
+Iterative MIPO (training.rounds): round N >= 2 trains on pairs the previous round's model
+sampled and scored, so that model is the reference, and the adapter starts from the previous
+round's adapters/ (lora.use_adapter) with a fresh optimizer and schedule; the first-step
+check then holds as in round 1 (policy == reference). The adapter goes on rather than a new
+one on a base with the old one merged in: LoRA on a quantized base (QLoRA, as on a Mac)
+cannot merge losslessly, the merged weights being either dequantized (a bigger model than
+the one the run started with) or quantized again (a reference that is not the model that
+sampled). TRL's DPO documentation ("Reference model considerations with PEFT") warns of
+that merge for the same reason and instead loads the trained adapter twice, one copy to go
+on training and one as the reference; with the reference log-probs stored in the pairs, one
+copy is enough here. Each round's held-out metrics and loop probe are in its stage summary
+(held_out); the probe counts loops against the base, the product's promise.
 """
 
 import contextlib
@@ -79,7 +92,9 @@ from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.metrics import repetition_loop
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder, sha256_of
-from mipo_mlx.lora import adapter_config, adapter_disabled, apply_lora, lora_layers, save_adapter, write_adapter
+from mipo_mlx.lora import (
+    adapter_config, adapter_disabled, apply_lora, lora_layers, save_adapter, use_adapter, write_adapter,
+)
 from mipo_mlx.rundir import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTERS_DIR, OPTIMIZER_FILE, PAIRS_FILE, STATE_FILE, Pair, checkpoint_dir, is_held_out,
     no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
@@ -299,19 +314,19 @@ class Trainer:
         return mx.stack([mask, length_desensitized(mask, pairs, self.training.ld_alpha)])
 
     def length_desensitized_references(self, *splits: list[Example]) -> list[list[Example]]:
-        """The splits with reference log-probs weighted as the policy's will be (the adapter off, scored once)."""
+        """The splits with reference log-probs weighted as the policy's will be, scored once by the model as it is
+        before the first step: the reference (a new adapter is zero; a later round's starts as the previous round's)."""
         weighted = []
-        with adapter_disabled(self.model):
-            self.model.eval()
-            for examples in splits:
-                refs = []
-                for start in range(0, len(examples), self.training.batch_size):
-                    indices = list(range(start, min(start + self.training.batch_size, len(examples))))
-                    batch, _, _ = collate(examples, indices, self.pad_id, self.shared_prompts)
-                    logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(indices))[-1]),
-                                           self.shared_prompts)
-                    refs += list(zip(*[v.tolist() for v in (logps[: len(indices)], logps[len(indices):])]))
-                weighted.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
+        self.model.eval()
+        for examples in splits:
+            refs = []
+            for start in range(0, len(examples), self.training.batch_size):
+                indices = list(range(start, min(start + self.training.batch_size, len(examples))))
+                batch, _, _ = collate(examples, indices, self.pad_id, self.shared_prompts)
+                logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(indices))[-1]),
+                                       self.shared_prompts)
+                refs += list(zip(*[v.tolist() for v in (logps[: len(indices)], logps[len(indices):])]))
+            weighted.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
         return weighted
 
     def _compile(self):
@@ -404,15 +419,27 @@ class Trainer:
         self.best, self.stopped_early = state.get("best"), state.get("stopped_early", False)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
-    def check_first_step(self, metrics: dict, before: dict) -> None:
+    def initial_dpo_loss(self) -> float:
+        """The DPO loss of the first step's first micro-batch before its update, with dropout off (eval mode).
+
+        It is the loss at policy == reference: from round 2 on (training.rounds) the adapter does
+        not start at zero, and LoRA dropout would make the policy differ from the model that scored.
+        """
+        batch, refs, _ = collate(self.train_examples, self.next_micro_batches()[0][0], self.pad_id, self.shared_prompts)
+        _, metrics = self._loss(self.model.eval(), batch, refs)
+        nll = metrics["nll_loss"].item() if "nll_loss" in metrics else 0.0
+        return metrics["loss"].item() - self.training.nll_weight * nll
+
+    def check_first_step(self, dpo_loss: float, metrics: dict, before: dict) -> None:
+        """Stop unless the loss before the first update (initial_dpo_loss) is the one at policy == reference, and the
+        first step (its metrics; the adapter `before` it) had a gradient and changed the adapter."""
         t = self.training
         expected = initial_loss(t.beta, t.loss, t.label_smoothing)
-        dpo_loss = metrics["loss"] - t.nll_weight * metrics.get("nll_loss", 0.0)
         if abs(dpo_loss - expected) > INITIAL_LOSS_TOLERANCE:
             raise TrainingStopped(
                 f"first loss {dpo_loss:.6f} is not {expected:.6f} (policy == reference): either the adapter "
-                "does not start at zero or the stored reference log-probs do not match this model and "
-                "tokenizer; sample the pairs again with this model"
+                "does not start at zero (in a later round: as the previous round's) or the stored reference "
+                "log-probs do not match this model and tokenizer; sample the pairs again with this model"
             )
         if not metrics["grad_norm"] > 0:
             raise TrainingStopped("the first gradient is zero: nothing would be learned; check lora.keys and the data")
@@ -535,10 +562,13 @@ class Probe:
 
 
 SELECTION_METRICS = {"eval_loss": ("loss", 1.0), "eval_reward_accuracy": ("rewards/accuracies", -1.0)}
+# The held-out evidence a stage summary (and each round's) ends with: the DPO loss, reward accuracy and probe loops.
+HELD_OUT_SUMMARY = ("loss", "rewards/accuracies", "generation/repetition_loop")
 
 
-def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) -> bool:
-    """Held-out metrics and probe answers as an event; select the step if it is the best; whether to stop early."""
+def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) -> tuple[bool, dict]:
+    """Held-out metrics and probe answers as an event; select the step if it is the best; whether to stop early, and
+    the metrics."""
     t, events = trainer.training, run.events
     metrics = trainer.held_out_metrics()
     excess = 0
@@ -551,7 +581,7 @@ def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) 
                         f"answers loop ({probe.base_loops} before training)")
     events.emit("metrics", stage="train", split="eval", step=trainer.step, epoch=trainer.epoch, **metrics)
     if t.select_checkpoint == "last":
-        return False
+        return False, metrics
     name, sign = SELECTION_METRICS[t.select_checkpoint]
     # Fewer answers that loop more than before training first, then the held-out metric.
     key = (excess, sign * metrics[name])
@@ -560,13 +590,13 @@ def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) 
         trainer.best = {"step": trainer.step, "value": metrics[name], "excess_loops": excess}
         if not (checkpoint_dir(run.dir, trainer.step) / STATE_FILE).is_file():
             save_checkpoint(trainer, run, config)  # the selected adapter must be on disk
-        return False
+        return False, metrics
     patience = t.early_stopping_patience
     if patience and (trainer.step - best["step"]) // t.eval_every >= patience:
         events.emit("note", level="info", text=f"stopping early at step {trainer.step}: {name} has not improved "
                     f"for {patience} evaluations since step {best['step']}")
-        return True
-    return False
+        return True, metrics
+    return False, metrics
 
 
 def write_final_adapter(trainer: Trainer, run, config: dict) -> dict:
@@ -590,22 +620,24 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
     events.emit("stage_started", stage="train", total=trainer.total_steps, unit="steps")
     probe = Probe(trainer, t.probe_prompts, run.recipe.eval.max_tokens) if trainer.held_out and t.probe_prompts else None
     started, first_step, window, window_start = time.time(), trainer.step, [], time.time()
+    held_out = None  # the last held-out evaluation's metrics
     with stop_after_step_on_sigint() as stop:
         while trainer.step < trainer.total_steps and not trainer.stopped_early:
             before = dict(tree_flatten(model.trainable_parameters())) if trainer.step == first_step == 0 else None
+            initial = trainer.initial_dpo_loss() if before is not None else None
             model.train()
             metrics = trainer.train_step()
             if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
                 raise not_finite(trainer, run, metrics)
             if before is not None:
-                trainer.check_first_step(metrics, before)
+                trainer.check_first_step(initial, metrics, before)
             window.append(metrics)
             last_step = trainer.step == trainer.total_steps
             if trainer.step % t.report_every == 0 or last_step:
                 report(trainer, events, window, time.time() - window_start, started, first_step)
                 window = []
             if trainer.held_out and (trainer.step % t.eval_every == 0 or last_step):
-                trainer.stopped_early = evaluate_held_out(trainer, run, config, probe)
+                trainer.stopped_early, held_out = evaluate_held_out(trainer, run, config, probe)
             stopping = stop.is_set() and not last_step and not trainer.stopped_early
             checkpoint = checkpoint_dir(run.dir, trainer.step)
             saved = (checkpoint / STATE_FILE).is_file()  # the held-out evaluation may have just saved this step
@@ -619,7 +651,8 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
     model.eval()
     selected = write_final_adapter(trainer, run, config)
     summary = {"steps": trainer.step, "train_pairs": len(trainer.train_examples), "eval_pairs": len(trainer.held_out),
-               "selected": selected}
+               "selected": selected,
+               "held_out": held_out and {name: held_out[name] for name in HELD_OUT_SUMMARY if name in held_out}}
     events.emit("stage_finished", stage="train", seconds=time.time() - started, **summary)
     return summary
 
@@ -641,6 +674,8 @@ def run_stage(run, load_model) -> dict:
     if not lora_layers(model):
         mx.random.seed(derived_seed(recipe.seed, "lora"))
         apply_lora(model, recipe.lora)
+    if run.round > 1:
+        use_adapter(model, run.adapter_of_round(run.round - 1))  # go on from it: it is this round's reference
     examples = build_examples(read_pairs(run.path(PAIRS_FILE)), model, tokenizer, recipe.training.max_seq_length)
     train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
     if len(train) < recipe.training.batch_size:

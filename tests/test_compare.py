@@ -10,7 +10,7 @@ import pytest
 
 from mipo_mlx.compare import mutual_information, score
 from mipo_mlx.report import write_outputs
-from mipo_mlx.rundir import MipoRecord, Pair
+from mipo_mlx.rundir import MipoRecord, Pair, reopen_run
 from mipo_mlx.data import PromptRecord
 from mipo_mlx.generation import Answer
 from mipo_mlx.judge import judge_metrics, judge_rows
@@ -214,3 +214,23 @@ def test_compare_stage_writes_answers_metrics_and_report(tmp_path, tiny_model_di
     assert all(r["judge"]["preferences"] == ["Please always answer me in French."] for r in rows)
     report = (run.dir / "compare" / "report.md").read_text()
     assert "| adherence/overall | 3 |" in report and "| repetition_loop | 3 |" in report and "**judge**" in report and "temperature 0.1" in report and "## Examples" in report
+
+
+def test_compare_after_training_answers_with_the_selected_adapter_as_a_later_compare_does(tmp_path, tiny_model_dirs):
+    from test_trainer import train_run
+
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"id": f"t{i}", "prompt": q}) + "\n"
+                                 for i, q in enumerate(["What can I cook?", "How do I relax?", "Any weekend idea?"])))
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "sel", "training.epochs=20", "training.batch_size=2",
+                    "training.eval_fraction=0.3", "training.eval_every=1", "training.learning_rate=2e-2",
+                    "training.probe_prompts=0", "training.select_checkpoint=eval_loss",
+                    "training.early_stopping_patience=2", f"data.test={test_file}", "eval.max_tokens=16",
+                    "eval.bootstrap_samples=100")
+    summary = run_stages(run, ["train", "compare"])["train"]
+    assert summary["selected"]["step"] < summary["steps"]  # training went on past the adapter it selected
+    answers = run.dir / "compare" / "answers.jsonl"
+    after_training = answers.read_bytes()
+    answers.unlink()
+    run_stages(reopen_run(run.dir), ["compare"])  # `mipo-mlx compare RUN_DIR`: adapters/ on a freshly loaded model
+    assert answers.read_bytes() == after_training

@@ -33,7 +33,7 @@ def run_summary(state: RunState) -> str:
     if state.model:
         parts.append(f"model {escape(state.model)}")
     if state.stage:
-        parts.append(f"stage {state.stage}")
+        parts.append(f"stage {state.stage_text}")
     if state.step is not None:
         parts.append(f"step {state.step}/{state.total_steps or '?'}")
     if state.started_at and state.updated_at:

@@ -32,7 +32,7 @@ def run_row(state: RunState) -> tuple[str, ...]:
         escape(state.name),
         status_text(state.shown_status()),
         escape(state.model or "–"),
-        state.stage or "–",
+        state.stage_text or "–",
         step,
         format_number(metrics.get("loss")),
         format_number(metrics.get("rewards/margins")),

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mipo_mlx.console import round_line
 from mipo_mlx.events import read_events
 from mipo_mlx.rundir import EVENTS_FILE
 
@@ -39,6 +40,7 @@ class RunState:
     model: str | None = None
     stages: list[str] = field(default_factory=list)
     stage: str | None = None
+    round: tuple[int, int] | None = None  # (round, of rounds) when training.rounds > 1
     pid: int | None = None
     started_at: float | None = None
     updated_at: float | None = None
@@ -55,6 +57,13 @@ class RunState:
     @property
     def name(self) -> str:
         return self.run_dir.name
+
+    @property
+    def stage_text(self) -> str | None:
+        """The stage, and the round it is in when the run has several: "train (round 2/3)"."""
+        if self.stage and self.round:
+            return f"{self.stage} (round {self.round[0]}/{self.round[1]})"
+        return self.stage
 
     @property
     def total_steps(self) -> int | None:
@@ -92,6 +101,12 @@ class RunState:
             if done.get("total"):
                 done["done"] = done["total"]
             self._note(f"{event['stage']} finished in {event.get('seconds', 0):.0f} s")
+        elif kind == "round_started":
+            self.round = (event["round"], event["rounds"])
+            self._note(f"round {event['round']} of {event['rounds']} started")
+        elif kind == "round_finished":
+            self.round = None  # what runs next (compare) is the run's, not a round's
+            self._note(round_line(event))
         elif kind == "run_finished":
             self.status = event.get("status", "completed")
             self._note(f"run {self.status}")
