@@ -21,11 +21,12 @@ import logging
 import os
 import time
 
+from mipo_mlx import distributed
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.events import EventLog
 from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
-from mipo_mlx.rundir import COMPARE_DIR, ResumePoint, Run, open_run
+from mipo_mlx.rundir import COMPARE_DIR, ResumePoint, Run, open_run, run_dir_of
 
 # Stage name -> module with run_stage(run, load_model); train chains them in this order.
 STAGES = {
@@ -90,6 +91,7 @@ def run_stages(run: Run, stages: list[str], load_model=None, notes: list[str] = 
         stages=stages,
         resumed=run.resumed,
         pid=os.getpid(),
+        ranks=distributed.size(),
     )
     for note in notes:
         logger.info(note)
@@ -127,19 +129,33 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    stages = ["sample"] if args.command == "sample" else list(STAGES)
-    # Sampling alone is idempotent: it always picks up where the pairs file stopped.
-    resume = args.resume or args.command == "sample"
-    checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages)
-    load_model = model_loader(recipe)
-    load_model()  # before the run directory is made: a model that does not load leaves nothing behind
+    def start():
+        recipe = load_recipe(args.recipe, args.overrides)
+        stages = ["sample"] if args.command == "sample" else list(STAGES)
+        # The run folder is rank 0's alone: other ranks may be other machines, without it.
+        checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages,
+                            run_folder=distributed.is_main())
+        load_model = model_loader(recipe)
+        load_model()  # before the run directory is made: a model that does not load leaves nothing behind
+        return recipe, stages, checked, load_model
+
+    recipe, stages, checked, load_model = distributed.agree(start)
     logger.info(f"checked the recipe, {checked.train_prompts} + {checked.test_prompts or 0} prompts and the model's "
                 f"files in {checked.seconds:.1f} s")
-    current = open_run(recipe, resume=resume, observers=[ConsoleObserver()])
+    opened = {}
+
+    def open_on_main() -> bool:
+        # Sampling alone is idempotent: it always picks up where the pairs file stopped.
+        opened["run"] = open_run(recipe, resume=args.resume or args.command == "sample", observers=[ConsoleObserver()])
+        return opened["run"].resumed
+
+    resumed = distributed.from_main(open_on_main)
+    current = opened.get("run") or Run(recipe=recipe, dir=run_dir_of(recipe), events=EventLog(None), resumed=resumed)
     notes = [resume_line(current, checked.resume, stages)] if checked.resume else []
+    if distributed.size() > 1:
+        notes.append(f"one run on {distributed.size()} ranks (mx.distributed): rank 0 writes {current.dir}")
     run_stages(current, stages, load_model, notes)
-    if "compare" in stages:
+    if "compare" in stages and distributed.is_main():
         from mipo_mlx.report import report_summary
 
         print(report_summary(current.path(COMPARE_DIR)))

@@ -25,8 +25,10 @@ import random
 import time
 from dataclasses import dataclass
 
+from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
+from mipo_mlx.distributed import per_rank_rates
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
@@ -183,40 +185,52 @@ def run_stage(run, load_model) -> dict:
     recipe, sampling = run.recipe, run.recipe.sampling
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
-    pairs_file = PairsWriter(run.path(PAIRS_FILE))
-    written = pairs_file.written
+    pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
+    written = {key: Pair.from_json(pair) for key, pair in distributed.from_main(
+        lambda: {key: pair.to_json() for key, pair in pairs_file.written.items()}).items()}
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]
     # Groups before the last one with a written pair are done (their other pairs were dropped by the filters).
     first = max((g for g, group in enumerate(groups) if any(p.id in written for p in group)), default=0)
     todo = [p for group in groups[first:] for p in group if p.id not in written]
+    # Rank r makes groups first + r, first + r + size, ...: one round of groups at a time, written in order by rank 0.
+    ranks, rank = distributed.size(), distributed.rank()
+    mine = [p for group in groups[first + rank :: ranks] for p in group if p.id not in written]
     run.events.emit("stage_started", stage="sample", total=len(plans), unit="pairs")
-    started, dropped, answers = time.time(), {}, None
+    started, dropped, answers, tokens = time.time(), {}, None, [0] * ranks
     if todo:  # a finished pairs file: nothing to load or generate
         settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
-        answers = StreamedAnswers(load_model(), [r for p in todo for r in (p.chosen, p.rejected)], settings,
+        answers = StreamedAnswers(load_model(), [r for p in mine for r in (p.chosen, p.rejected)], settings,
                                   recipe.seed, sampling.batch_size, known_answers(written))
-        run.events.emit("note", level="info", text=f"sampling: {len(answers.todo)} answers to generate, "
-                        f"{answers.decoder.batch_size} at a time")
-    for g in range(first, len(groups)) if todo else []:
+        to_generate = int(sum(distributed.per_rank(len(answers.todo))))
+        run.events.emit("note", level="info", text=f"sampling: {to_generate} answers to generate, "
+                        f"{answers.decoder.batch_size} at a time" + (f" on each of {ranks} ranks" if ranks > 1 else ""))
+    generated = 0
+    for start in range(first, len(groups), ranks) if todo else []:
+        g = start + rank
+        made = [pair.to_json() for pair in sample_pairs(groups[g], answers, recipe)] if g < len(groups) else []
+        parts = distributed.exchange([made, answers.decoder.generated_tokens, answers.generated_answers])
         # The whole group is scored, written pairs too, so that its reference pass is the uninterrupted run's.
-        for pair in sample_pairs(groups[g], answers, recipe):
+        for pair in (Pair.from_json(record) for made, _, _ in parts for record in made):
             if pair.mipo.id in written:
                 continue
             reason = drop_reason(pair, sampling)
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
             else:
-                pairs_file.append(pair)
+                written[pair.mipo.id] = pair
+                if pairs_file:
+                    pairs_file.append(pair)
+        tokens, generated = [part[1] for part in parts], sum(part[2] for part in parts)
+        done = min(start + ranks, len(groups))
         elapsed = max(time.time() - started, 1e-9)
         run.events.emit(
-            "progress", stage="sample", done=min((g + 1) * SCORING_PAIRS, len(plans)), total=len(plans),
-            unit="pairs", rate=(g - first + 1) * SCORING_PAIRS / elapsed,
-            tokens_per_second=answers.decoder.generated_tokens / elapsed,
-            eta_seconds=elapsed / (g - first + 1) * (len(groups) - g - 1),
+            "progress", stage="sample", done=min(done * SCORING_PAIRS, len(plans)), total=len(plans),
+            unit="pairs", rate=(done - first) * SCORING_PAIRS / elapsed, tokens_per_second=sum(tokens) / elapsed,
+            eta_seconds=elapsed / (done - first) * (len(groups) - done), **per_rank_rates(tokens, elapsed),
         )
-    pairs_file.close()
-    summary = {"pairs": len(pairs_file.written), "planned": len(plans), "dropped": dropped,
-               "generated_answers": answers.generated_answers if answers else 0,
-               "tokens": answers.decoder.generated_tokens if answers else 0}
+    if pairs_file:
+        pairs_file.close()
+    summary = {"pairs": len(written), "planned": len(plans), "dropped": dropped, "generated_answers": generated,
+               "tokens": sum(tokens)}
     run.events.emit("stage_finished", stage="sample", seconds=time.time() - started, **summary)
     return summary
