@@ -43,7 +43,8 @@ from mipo_mlx.errors import EXIT_USER_ERROR, UserError
 logger = logging.getLogger("mipo_mlx")
 # How long a rank that leaves an error to rank 0 waits for it (mlx.launch ends it sooner when rank 0 ends).
 QUIET_WAIT_SECONDS = 10
-CONTINUE = "what was written is kept: run the same command again (train with --resume) to continue from it"
+LOST = ("rank {rank} of {size} stopped: another rank of this run ended or cannot be reached; what rank 0 wrote is "
+        "kept: run the same command again (train with --resume) to continue from its last checkpoint")
 
 
 class RankLost(UserError):
@@ -87,7 +88,7 @@ def _watch(world) -> None:
         if _ending["quiet"]:
             os._exit(EXIT_USER_ERROR)
         if not _ending["lost"]:  # else this rank is already on its way out, saying why
-            raise lost(f"rank {world.rank()} of {world.size()} stopped: another rank of this run ended; {CONTINUE}")
+            raise lost(LOST.format(rank=world.rank(), size=world.size()))
 
     signal.signal(signal.SIGTERM, stop)
     if not os.environ.get("MLX_RING_VERBOSE"):
@@ -141,8 +142,7 @@ def _collective(array: mx.array, op) -> mx.array:
     except RuntimeError as error:
         if "[ring]" not in str(error) and "peer" not in str(error):
             raise
-        raise lost(f"rank {rank()} of {size()} stopped: it lost the connection to another rank of this run "
-                       f"(that rank ended or its host went away); {CONTINUE}") from None
+        raise lost(LOST.format(rank=rank(), size=size())) from None
 
 
 def per_rank(value: float, dtype=mx.float32) -> list:
