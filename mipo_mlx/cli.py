@@ -37,10 +37,10 @@ def report_error(message: str) -> None:
     sys.stderr.write(f"mipo-mlx: error: {' '.join(message.split())}\n")
 
 
-def stays_quiet(error: UserError) -> bool:
-    """Whether this process leaves the error to another rank of the same run, which meets it too (distributed.py)."""
+def says(error: UserError) -> bool:
+    """Whether this process prints the error: on several ranks of one run, rank 0 says what all meet (distributed.py)."""
     distributed = sys.modules.get("mipo_mlx.distributed")
-    return distributed is not None and not distributed.says(error)
+    return distributed is None or distributed.says(error)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserError as error:
-        if not stays_quiet(error):
+        if says(error):
             report_error(str(error))
         return getattr(error, "exit_status", EXIT_USER_ERROR)
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
     mipo-mlx compare runs/quickstart              # also the last stage of `mipo-mlx train`
 
 One loaded model answers each held-out prompt twice, adapter off and on, with the same
-sampler and seed. Written to RUN_DIR/compare/: answers.jsonl (side by side, with the
+sampler and seed (on several ranks each answers its share of the prompts: distributed.py). Written to RUN_DIR/compare/: answers.jsonl (side by side, with the
 per-prompt preference checks), metrics.json and report.md. Every metric has its sample
 size, a bootstrap 95% interval, and a paired permutation test of after vs before (a
 metric with nothing to measure, such as Self-BLEU of one answer, is null in metrics.json
@@ -164,7 +164,7 @@ def run_stage(run, load_model) -> dict:
     if not recipe.data.test:
         raise UserError("no held-out prompts to compare on; set data.test", key="data.test")
     started = time.time()
-    pairs = [Pair.from_json(p) for p in distributed.from_main(lambda: [p.to_json() for p in read_pairs(run.path(PAIRS_FILE))])]
+    pairs = distributed.pairs_from_main(lambda: read_pairs(run.path(PAIRS_FILE)))
     held_out = held_out_pairs(pairs, recipe.training.eval_fraction, recipe.seed)
     loaded = load_model()
     records = read_prompts(recipe.data.test, recipe.data.format, recipe.data.on_bad_line,

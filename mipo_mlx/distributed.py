@@ -37,8 +37,10 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mipo_mlx.errors import EXIT_USER_ERROR, UserError
+from mipo_mlx.rundir import Pair
 
 logger = logging.getLogger("mipo_mlx")
 # How long a rank that leaves an error to rank 0 waits for it (mlx.launch ends it sooner when rank 0 ends).
@@ -81,7 +83,7 @@ def is_main() -> bool:
 def _watch(world) -> None:
     """SIGTERM (mlx.launch ending the ranks after one ended) becomes RankLost; other ranks log warnings only."""
     if world.rank() != 0:
-        logging.getLogger("mipo_mlx").setLevel(logging.WARNING)
+        logger.setLevel(logging.WARNING)
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
@@ -128,9 +130,9 @@ def lost(message: str) -> RankLost:
     return RankLost(message)
 
 
-def quiet_exit(status: int = EXIT_USER_ERROR) -> QuietExit:
+def quiet_exit() -> QuietExit:
     _ending["quiet"] = True
-    return QuietExit(status)
+    return QuietExit(EXIT_USER_ERROR)
 
 
 def _collective(array: mx.array, op) -> mx.array:
@@ -196,17 +198,24 @@ def from_main(read):
     return message["value"]
 
 
+def pairs_from_main(read) -> list[Pair]:
+    """read() on rank 0 (rundir.Pair records of its run directory) on every rank."""
+    return [Pair.from_json(record) for record in from_main(lambda: [pair.to_json() for pair in read()])]
+
+
 def says(error: UserError) -> bool:
     """Whether this rank prints `error`: rank 0 does, and a rank that found a mistake at the start or lost its peers.
 
-    Other ranks meet the same mistakes as rank 0 at the same point of the same run, so they
-    stay quiet; they wait a little first, so that rank 0 says it before mlx.launch stops it.
+    Other ranks meet the same mistakes as rank 0 at the same point of the same run: they wait
+    for rank 0 to say it and end (mlx.launch then ends them, quietly), and say it themselves
+    only if rank 0 is still running after QUIET_WAIT_SECONDS (a mistake of theirs alone).
     """
     if size() == 1 or is_main() or isinstance(error, RankLost) or getattr(error, "agreed", False):
         return True
     _ending["quiet"] = True
     time.sleep(QUIET_WAIT_SECONDS)
-    return False
+    _ending["quiet"] = False
+    return True
 
 
 def agree(start):
@@ -250,8 +259,6 @@ def sum_arrays(tree):
     """The tree's arrays summed over the ranks (the same tree on every rank)."""
     if size() == 1:
         return tree
-    from mlx.utils import tree_flatten, tree_unflatten
-
     flat = tree_flatten(tree)
     if not flat:
         return tree

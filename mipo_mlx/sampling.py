@@ -19,6 +19,10 @@ SCORING_PAIRS in the plan's order (the reference pass of a group is the same wha
 generated it), one flushed line per pair. A rerun recovers answers from the pairs already
 written, generates only the answers it still needs (identically), and appends the missing
 pairs in the same order: a killed run ends with exactly the pairs of an uninterrupted one.
+
+On several ranks (mlx.launch; distributed.py) rank r makes groups r, r + N, ... of each
+round of N groups; rank 0 writes each round's pairs in the plan's order. The answers and
+the groups being what one process makes, the pairs file is the one-process file.
 """
 
 import random
@@ -28,7 +32,6 @@ from dataclasses import dataclass
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
-from mipo_mlx.distributed import per_rank_rates
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.metrics import repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
@@ -186,8 +189,7 @@ def run_stage(run, load_model) -> dict:
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, recipe.seed)
     pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
-    written = {key: Pair.from_json(pair) for key, pair in distributed.from_main(
-        lambda: {key: pair.to_json() for key, pair in pairs_file.written.items()}).items()}
+    written = {pair.mipo.id: pair for pair in distributed.pairs_from_main(lambda: pairs_file.written.values())}
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]
     # Groups before the last one with a written pair are done (their other pairs were dropped by the filters).
     first = max((g for g, group in enumerate(groups) if any(p.id in written for p in group)), default=0)
@@ -226,7 +228,7 @@ def run_stage(run, load_model) -> dict:
         run.events.emit(
             "progress", stage="sample", done=min(done * SCORING_PAIRS, len(plans)), total=len(plans),
             unit="pairs", rate=(done - first) * SCORING_PAIRS / elapsed, tokens_per_second=sum(tokens) / elapsed,
-            eta_seconds=elapsed / (done - first) * (len(groups) - done), **per_rank_rates(tokens, elapsed),
+            eta_seconds=elapsed / (done - first) * (len(groups) - done), **distributed.per_rank_rates(tokens, elapsed),
         )
     if pairs_file:
         pairs_file.close()

@@ -48,6 +48,11 @@ tensors (names, shapes, dtypes) this recipe's adapter and optimizer have, before
 any of it; a damaged one is reported in one line, set aside and the one before it used.
 Ctrl+C (the TUI's stop button sends SIGINT) finishes the current step, saves a checkpoint
 and stops; a second Ctrl+C stops at once, keeping the last checkpoint.
+
+On several ranks (mlx.launch; distributed.py) each takes its share of every micro-batch's
+pairs, the gradients are summed over the ranks weighted by those shares (the same step as
+one process), and rank 0 alone writes checkpoints and the adapter; a resume gets rank 0's
+checkpoint on every rank, on any number of ranks.
 """
 
 import contextlib
@@ -376,7 +381,8 @@ class Trainer:
         batches, cursor = self.next_micro_batches()
         for indices in batches:
             # On several ranks each takes its share of the pairs; its per-pair means count by that share.
-            mine, share = distributed.share(indices), len(distributed.share(indices)) / len(indices)
+            mine = distributed.share(indices)
+            share = len(mine) / len(indices)
             batch, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id, self.shared_prompts)
             metrics, grads = self._grad_step(batch, refs)
             if share != 1:
@@ -541,13 +547,13 @@ def report(trainer: Trainer, events, window: list[dict], seconds: float, started
     metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k not in ("tokens", "rank_tokens")}
     tokens_per_second = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
     metrics.update(tokens_per_second=tokens_per_second, peak_memory_gb=mx.get_peak_memory() / 1e9)
-    if "rank_tokens" in window[0]:
-        metrics.update(distributed.per_rank_rates([sum(n) for n in zip(*(m["rank_tokens"] for m in window))], seconds))
-    events.emit("metrics", stage="train", split="train", step=trainer.step, epoch=trainer.epoch, **metrics)
+    ranks = [sum(n) for n in zip(*(m["rank_tokens"] for m in window))] if "rank_tokens" in window[0] else [0]
+    rates = distributed.per_rank_rates(ranks, seconds)
+    events.emit("metrics", stage="train", split="train", step=trainer.step, epoch=trainer.epoch, **metrics, **rates)
     steps_per_second = (trainer.step - first_step) / max(time.time() - started, 1e-9)
     events.emit("progress", stage="train", done=trainer.step, total=trainer.total_steps, unit="steps",
                 rate=steps_per_second, tokens_per_second=tokens_per_second,
-                eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second)
+                eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second, **rates)
 
 
 class Probe:
@@ -685,7 +691,7 @@ def run_stage(run, load_model) -> dict:
     if not lora_layers(model):
         mx.random.seed(derived_seed(recipe.seed, "lora"))
         apply_lora(model, recipe.lora)
-    pairs = [Pair.from_json(p) for p in distributed.from_main(lambda: [p.to_json() for p in read_pairs(run.path(PAIRS_FILE))])]
+    pairs = distributed.pairs_from_main(lambda: read_pairs(run.path(PAIRS_FILE)))
     examples = build_examples(pairs, model, tokenizer, recipe.training.max_seq_length)
     train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
     if len(train) < recipe.training.batch_size:
