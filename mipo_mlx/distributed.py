@@ -62,7 +62,14 @@ class QuietExit(SystemExit):
 @functools.cache
 def group() -> mx.distributed.Group:
     """The group of every rank (a group of one when the process was not started by mlx.launch)."""
-    world = mx.distributed.init()
+    try:
+        world = mx.distributed.init()
+    except RuntimeError as error:  # mlx.launch writes MLX_HOSTFILE; one set by hand may not read
+        failed = UserError(f"mx.distributed cannot start ({' '.join(str(error).split())[:200]}); start the ranks "
+                           "with mlx.launch (-n N or --hostfile FILE) rather than with MLX_HOSTFILE set by hand",
+                           key=f"MLX_HOSTFILE={os.environ.get('MLX_HOSTFILE', '')}")
+        failed.say_here = True
+        raise failed from None
     if world.size() > 1:
         _watch(world)
     return world
@@ -210,7 +217,7 @@ def says(error: UserError) -> bool:
     for rank 0 to say it and end (mlx.launch then ends them, quietly), and say it themselves
     only if rank 0 is still running after QUIET_WAIT_SECONDS (a mistake of theirs alone).
     """
-    if size() == 1 or is_main() or isinstance(error, RankLost) or getattr(error, "agreed", False):
+    if isinstance(error, RankLost) or getattr(error, "say_here", False) or size() == 1 or is_main():
         return True
     _ending["quiet"] = True
     time.sleep(QUIET_WAIT_SECONDS)
@@ -229,7 +236,7 @@ def agree(start):
         if any(failed) and failed.index(1.0) != rank():
             raise quiet_exit()
         if error is not None:
-            error.agreed = True
+            error.say_here = True
     if error is not None:
         raise error
     return value
