@@ -8,10 +8,18 @@ each stage's seconds (from the event logs' stage_finished events) and the ratio.
 checks that the two pairs files are byte for byte the same (the point of the design; the
 speed is for the record).
 
-Measured on the 2-core Linux VM, CPU backend, 16 prompts, 4 steps, while other engineers'
-work shared the cores (timings are noisy): see the README's "Several processes or Macs".
-On two cores two ranks compete for the same cores that one process already uses, so
-expect no gain here; on two Macs each rank has its own GPU.
+Measured on the 2-core Linux VM, CPU backend, 16 prompts, 4 steps, load average 14 (other
+engineers' jobs and a test run shared the cores: the timings are noisy):
+
+    stage                    1 process     2 ranks  speed-up
+    sample                      228.0s      230.0s     0.99x
+    train                       234.4s      220.5s     1.06x
+    compare                     354.8s      383.5s     0.93x
+    wall (with start-up)        846.2s      878.9s     0.96x
+    pairs files byte for byte the same: True
+
+On two cores two ranks share the cores one process already uses, so there is no gain here;
+on two Macs each rank has its own GPU and memory.
 """
 
 import argparse

@@ -702,8 +702,9 @@ def run_stage(run, load_model) -> dict:
     trainer = Trainer(model, tokenizer, train, held_out, recipe.training, recipe.seed)
     ranks, batch = distributed.size(), recipe.training.batch_size
     if batch % ranks:
-        logger.info(f"training.batch_size {batch} does not divide among {ranks} ranks: each batch's pairs are split "
-                    f"{-(-batch // ranks)} and {batch // ranks}, the same steps, the rank with more sets the pace")
+        logger.info(f"training.batch_size {batch} does not divide among {ranks} ranks: each rank takes "
+                    f"{-(-batch // ranks)} or {batch // ranks} of each batch's pairs (the same steps; the ranks with "
+                    "more set the pace)")
     def resume():
         checkpoint = resume_checkpoint(trainer, run) if run.resumed else None
         if checkpoint:

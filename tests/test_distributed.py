@@ -25,6 +25,9 @@ from test_sampling import PROFILES
 from mipo_mlx import cli
 from mipo_mlx.console import progress_line
 from mipo_mlx.events import read_events
+from mipo_mlx.rundir import (
+    ADAPTER_WEIGHTS, ADAPTERS_DIR, ANSWERS_FILE, CHECKPOINTS_DIR, COMPARE_DIR, EVENTS_FILE, PAIRS_FILE, checkpoint_dir,
+)
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 # Runs the CLI; with MIPO_TEST_MARKER set, rank 1 writes its pid there before its third step and waits to be killed.
@@ -89,7 +92,7 @@ def folder(tmp_path_factory, tiny_model_dirs):
 
 
 def losses(run: Path) -> dict:
-    events, _ = read_events(run / "events.jsonl")
+    events, _ = read_events(run / EVENTS_FILE)
     return {(e["split"], e["step"]): e["loss"] for e in events if e["event"] == "metrics"}
 
 
@@ -97,7 +100,7 @@ def assert_same_trajectory(run: Path, one: Path) -> None:
     expected, found = losses(one), losses(run)
     assert found.keys() == expected.keys()
     assert all(abs(found[key] - expected[key]) < 1e-5 for key in expected), (found, expected)
-    a, b = mx.load(str(one / "adapters" / "adapters.safetensors")), mx.load(str(run / "adapters" / "adapters.safetensors"))
+    a, b = (mx.load(str(path / ADAPTERS_DIR / ADAPTER_WEIGHTS)) for path in (one, run))
     assert a.keys() == b.keys() and max(mx.abs(a[k] - b[k]).max().item() for k in a) < 1e-5
 
 
@@ -107,11 +110,11 @@ def test_two_ranks_sample_the_same_pairs_and_train_the_same_trajectory(folder):
     log = (folder / "launch.log").read_text()
     assert "Traceback" not in log and "mipo-mlx: error" not in log, log
     one, two = folder / "runs" / "one", folder / "runs" / "two"
-    assert (two / "pairs.jsonl").read_bytes() == (one / "pairs.jsonl").read_bytes()
+    assert (two / PAIRS_FILE).read_bytes() == (one / PAIRS_FILE).read_bytes()
     assert_same_trajectory(two, one)
-    assert (two / "compare" / "answers.jsonl").read_bytes() == (one / "compare" / "answers.jsonl").read_bytes()
+    assert (two / COMPARE_DIR / ANSWERS_FILE).read_bytes() == (one / COMPARE_DIR / ANSWERS_FILE).read_bytes()
     # The event log and the progress lines name the ranks and each one's throughput.
-    events, _ = read_events(two / "events.jsonl")
+    events, _ = read_events(two / EVENTS_FILE)
     assert next(e for e in events if e["event"] == "run_started")["ranks"] == 2
     progress = [e for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert progress and all(len(e["rank_tokens_per_second"]) == 2 for e in progress)
@@ -138,7 +141,7 @@ def test_a_killed_rank_stops_the_other_in_one_line_and_the_run_resumes_on_one_pr
     said = [line for line in (folder / "launch.log").read_text().splitlines() if line.startswith("mipo-mlx: error")]
     assert len(said) == 1 and "rank 0 of 2 stopped: another rank of this run ended" in said[0], said
     run = folder / "runs" / "killed"
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    assert list((run / CHECKPOINTS_DIR).iterdir()) == [checkpoint_dir(run, 2)]
 
     cwd = os.getcwd()
     os.chdir(folder)
