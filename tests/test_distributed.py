@@ -4,7 +4,7 @@
 
 The pairs file is byte for byte the one-process file; with training.batch_size 4 each rank
 takes 2 pairs of each step, and the per-step losses and the adapter equal one process's at
-batch 4 within 1e-5. A rank killed with SIGKILL mid-training ends the other within 30 s
+batch 4 within 1e-5 (on 3 ranks too, which take 2, 1 and 1 pairs and say so in one line). A rank killed with SIGKILL mid-training ends the other within 30 s
 with one line, and `--resume` on one process continues the trajectory from rank 0's last
 checkpoint.
 """
@@ -48,24 +48,26 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def free_port() -> int:
-    """A port base for the ring with room for two ranks: other runs on this machine may hold the default one."""
+def free_port(ranks: int) -> int:
+    """A port base for the ring with room for every rank: other runs on this machine may hold the default one."""
     while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        try:
+            for offset in range(1, ranks):
+                with socket.socket() as other:
+                    other.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
 
 
-def launch(folder: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`mlx.launch -n 2 -- python CHILD ARGS` in `folder`, output to folder/launch.log."""
+def launch(folder: Path, *args: str, ranks: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """`mlx.launch -n RANKS -- python CHILD ARGS` in `folder`, output to folder/launch.log."""
     log = open(folder / "launch.log", "wb")
-    command = [str(LAUNCH), "-n", "2", "--starting-port", str(free_port()), "--", sys.executable, "-c", CHILD, *args]
+    command = [str(LAUNCH), "-n", str(ranks), "--starting-port", str(free_port(ranks)), "--", sys.executable, "-c",
+               CHILD, *args]
     return subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
@@ -119,6 +121,18 @@ def test_two_ranks_sample_the_same_pairs_and_train_the_same_trajectory(folder):
     progress = [e for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert progress and all(len(e["rank_tokens_per_second"]) == 2 for e in progress)
     assert "2 ranks " in progress_line(progress[-1])
+
+
+def test_three_ranks_split_a_batch_of_4_unevenly_in_one_line_and_take_the_same_steps(folder):
+    child = launch(folder, "train", "recipe.yaml", "--set", "run_name=three", ranks=3)
+    assert child.wait(timeout=300) == 0
+    log = (folder / "launch.log").read_text()
+    assert "mipo-mlx: error" not in log, log
+    said = [line for line in log.splitlines() if "does not divide" in line]
+    assert said == ["mipo-mlx: training.batch_size 4 does not divide among 3 ranks: each rank takes 2 or 1 of each "
+                    "batch's pairs (the same steps; the ranks with more set the pace)"]
+    assert (folder / "runs" / "three" / PAIRS_FILE).read_bytes() == (folder / "runs" / "one" / PAIRS_FILE).read_bytes()
+    assert_same_trajectory(folder / "runs" / "three", folder / "runs" / "one")
 
 
 def test_a_killed_rank_stops_the_other_in_one_line_and_the_run_resumes_on_one_process(folder):
