@@ -37,6 +37,12 @@ def report_error(message: str) -> None:
     sys.stderr.write(f"mipo-mlx: error: {' '.join(message.split())}\n")
 
 
+def says(error: UserError) -> bool:
+    """Whether this process prints the error: on several ranks of one run, rank 0 says what all meet (distributed.py)."""
+    distributed = sys.modules.get("mipo_mlx.distributed")
+    return distributed is None or distributed.says(error)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line and exit status 2."""
 
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserError as error:
-        report_error(str(error))
-        return EXIT_USER_ERROR
+        if says(error):
+            report_error(str(error))
+        return getattr(error, "exit_status", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write("mipo-mlx: interrupted; what was written is kept, run the same command to resume\n")
         return 130

@@ -3,7 +3,8 @@
     mipo-mlx compare runs/quickstart              # also the last stage of `mipo-mlx train`
 
 One loaded model answers each held-out prompt twice, adapter off and on, with the same
-sampler and seed; the adapter is the run's final one (its last round's, training.rounds).
+sampler and seed; the adapter is the run's final one (its last round's, training.rounds;
+on several ranks rank 0's, and each rank answers its share of the prompts: distributed.py).
 Written to RUN_DIR/compare/: answers.jsonl (side by side, with the per-prompt preference
 checks), metrics.json and report.md. Every metric has its sample size, a bootstrap 95%
 interval, and a paired permutation test of after vs before (a metric with nothing to
@@ -34,19 +35,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mipo_mlx import distributed
 from mipo_mlx.answers import formatted, is_correct, task_of
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.data import read_prompts
 from mipo_mlx.errors import UserError
-from mipo_mlx.generation import SamplerSettings, generate_answers
+from mipo_mlx.generation import Answer, SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, use_adapter
 from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.report import report_summary, write_outputs
 from mipo_mlx.rundir import COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
-from mipo_mlx.scoring import score_answers
+from mipo_mlx.scoring import SCORING_ROWS, score_answers
 
 PROMPT_FORMATS = {
     "math": "{shots}-shot chain of thought (the GSM8K exemplars of Wei et al. 2022), exact match of the final number",
@@ -57,11 +59,19 @@ PROMPT_FORMATS = {
 def answer_sides(model, tokenizer, records, settings: SamplerSettings, seed: int, adapted: bool = True) -> dict:
     """{"base": answers with the adapter off, "adapted": with it on}, same sampler and noise; base only without."""
     prompts = [encode_prompt(tokenizer, r.messages()) for r in records]
-    keys = [r.id for r in records]  # each prompt's sampling noise, the same for both sides
+    keys = [r.id for r in records]  # each prompt's sampling noise, the same for both sides, on any rank
+
+    def answered(part: list[int]) -> list[list]:
+        answers = generate_answers(model, tokenizer, [prompts[i] for i in part], settings, seed, [keys[i] for i in part])
+        return [[a.text, a.token_ids, a.finish_reason] for a in answers]
+
+    def side() -> list[Answer]:
+        return [Answer(*answer) for answer in distributed.split_work(list(range(len(prompts))), answered)]
+
     with adapter_disabled(model):
-        answers = {"base": generate_answers(model, tokenizer, prompts, settings, seed, keys)}
+        answers = {"base": side()}
     if adapted:
-        answers["adapted"] = generate_answers(model, tokenizer, prompts, settings, seed, keys)
+        answers["adapted"] = side()
     return answers
 
 
@@ -105,9 +115,10 @@ def mutual_information(model, tokenizer, pairs: list[Pair], beta: float, samples
     items = [(p.prompt_messages(), p.chosen_text) for p in pairs]
     items += [(p.mipo.negative_prompt, p.chosen_text) for p in pairs]
     items += [(p.prompt_messages(), p.rejected_text) for p in pairs]
+    scored = lambda part: score_answers(model, tokenizer, part)[0]
     with adapter_disabled(model):
-        base, _ = score_answers(model, tokenizer, items)
-    adapted, _ = score_answers(model, tokenizer, items)
+        base = distributed.split_work(items, scored, SCORING_ROWS)
+    adapted = distributed.split_work(items, scored, SCORING_ROWS)
     n = len(pairs)
     pmi = lambda lp: [lp[i] - lp[n + i] for i in range(n)]
     margins = [beta * ((adapted[i] - base[i]) - (adapted[2 * n + i] - base[2 * n + i])) for i in range(n)]
@@ -154,7 +165,8 @@ def run_stage(run, load_model) -> dict:
     if not recipe.data.test:
         raise UserError("no held-out prompts to compare on; set data.test", key="data.test")
     started = time.time()
-    held_out = held_out_pairs(read_pairs(run.path(PAIRS_FILE)), recipe.training.eval_fraction, recipe.seed)
+    pairs = distributed.pairs_from_main(lambda: read_pairs(run.path(PAIRS_FILE)))
+    held_out = held_out_pairs(pairs, recipe.training.eval_fraction, recipe.seed)
     loaded = load_model()
     records = read_prompts(recipe.data.test, recipe.data.format, recipe.data.on_bad_line,
                            key="data.test")[: recipe.eval.max_prompts]
@@ -167,7 +179,8 @@ def run_stage(run, load_model) -> dict:
         metrics.update(mutual_information(model, tokenizer, held_out, recipe.training.beta,
                                           recipe.eval.bootstrap_samples, recipe.seed))
     header = report_header(loaded.source, str(adapter_dir), recipe.data.test, records, recipe.eval, recipe.seed)
-    write_outputs(run.path(COMPARE_DIR), rows, metrics, header)
+    if distributed.is_main():
+        write_outputs(run.path(COMPARE_DIR), rows, metrics, header)
     table = {name: {k: m[k] for k in ("n", "before", "after", "p_value", "value") if k in m} for name, m in metrics.items()}
     run.events.emit("stage_finished", stage="compare", seconds=time.time() - started, metrics=table)
     return table
@@ -180,7 +193,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from mipo_mlx.pipeline import run_stages
 
-    finished = reopen_run(Path(args.run_dir), observers=[ConsoleObserver()])
+    # Every rank reads the run's recipe.yaml: on several machines each needs a copy (README). Its pairs and adapter
+    # come from rank 0.
+    finished = distributed.agree(lambda: reopen_run(Path(args.run_dir),
+                                                    observers=[ConsoleObserver()] if distributed.is_main() else []))
     run_stages(finished, ["compare"])
-    print(report_summary(finished.path(COMPARE_DIR)))
+    if distributed.is_main():
+        print(report_summary(finished.path(COMPARE_DIR)))
     return 0

@@ -45,6 +45,8 @@ def progress_line(record: dict) -> str:
         parts.append(f"{record['rate']:.2f} {record.get('unit', '')}/s")
     if record.get("tokens_per_second"):
         parts.append(f"{record['tokens_per_second']:.0f} tok/s")
+    if record.get("rank_tokens_per_second"):  # a run on several ranks (distributed.py): each one's share
+        parts.append(f"{record['ranks']} ranks " + " + ".join(f"{rate:.0f}" for rate in record["rank_tokens_per_second"]))
     parts.append(f"ETA {format_duration(record.get('eta_seconds'))}")
     return "  ".join(parts)
 

@@ -25,6 +25,7 @@ import logging
 import typing
 from pathlib import Path
 
+from mipo_mlx import distributed
 from mipo_mlx.compare import answer_and_score, report_header
 from mipo_mlx.data import READERS, read_prompts
 from mipo_mlx.errors import UserError, rekeyed
@@ -96,7 +97,8 @@ def default_out(model: str, adapter: Path | None) -> Path:
     return EVALS_DIR / name
 
 
-def run(args) -> int:
+def prepare(args):
+    """The flags checked, the prompts read, the model (and adapter, judge) loaded: what run answers with."""
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
     try:
         eval_config = EvalConfig(**options)
@@ -128,11 +130,19 @@ def run(args) -> int:
         except UserError as error:
             raise rekeyed(error, "--adapter") from None
     judge = eval_config.judge_model and load_judge(eval_config.judge_model, loaded, args.seed, key="--judge-model")
+    return out, records, eval_config, adapter, loaded, judge
+
+
+def run(args) -> int:
+    # Every rank checks its own files and loads its own model; rank 0 writes the report.
+    out, records, eval_config, adapter, loaded, judge = distributed.agree(lambda: prepare(args))
     logger.info(f"answering {len(records)} prompts{' with the adapter off and on' if adapter else ''}")
     rows, metrics = answer_and_score(loaded.model, loaded.tokenizer, records, eval_config, args.seed,
                                      adapted=adapter is not None, judge=judge)
-    header = report_header(loaded.source, str(adapter) if adapter else "none", args.data, records, eval_config, args.seed)
-    write_outputs(out, rows, metrics, header)
-    print(report_summary(out))
-    print(f"wrote {out}/{ANSWERS_FILE}, {METRICS_FILE} and {REPORT_FILE}")
+    if distributed.is_main():
+        header = report_header(loaded.source, str(adapter) if adapter else "none", args.data, records, eval_config,
+                               args.seed)
+        write_outputs(out, rows, metrics, header)
+        print(report_summary(out))
+        print(f"wrote {out}/{ANSWERS_FILE}, {METRICS_FILE} and {REPORT_FILE}")
     return 0

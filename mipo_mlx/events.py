@@ -10,9 +10,11 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
 
 | event            | fields                                                                 |
 | ---------------- | ---------------------------------------------------------------------- |
-| run_started      | run_dir, recipe, model, stages (list), resumed (bool), pid             |
+| run_started      | run_dir, recipe, model, stages (list), resumed (bool), pid, ranks      |
 | stage_started    | stage ("sample", "reference", "train", "compare", "export"), total, unit |
 | progress         | stage, done, total, unit, rate (units/s), tokens_per_second, eta_seconds |
+|                  | and on several ranks (distributed.py): ranks, rank_tokens_per_second   |
+|                  | (each rank's tokens/s, by rank; on metrics events of training too)     |
 | metrics          | stage, split ("train" or "eval"), step, epoch, and TRL-named metrics:  |
 |                  | loss, rewards/chosen, rewards/rejected, rewards/margins,              |
 |                  | rewards/accuracies, logps/chosen, logps/rejected, grad_norm,          |

@@ -5,6 +5,7 @@
     config = adapter_config(model, recipe.lora, "smollm2-135m", seed=0)
     save_adapter(model, run_dir / "adapters", config)
     use_adapter(model, run_dir / "adapters")        # that adapter on, whether the model has LoRA layers yet or not
+                                                   # (on several ranks: rank 0's, on every rank)
     mlx_lm.load(base, adapter_path=run_dir / "adapters")
 
 The base may be quantized (QLoRA: mlx-lm wraps QuantizedLinear the same way) or float;
@@ -26,6 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from mipo_mlx import distributed
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder
 from mipo_mlx.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -107,9 +109,27 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def use_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """`model` with the adapter saved in `directory` on, in eval mode: its weights into the LoRA layers the model has
-    (another adapter's, or those training left at a later step than the one saved), else new layers (load_adapter)."""
-    if not lora_layers(model):
-        model.freeze()  # only lora_a and lora_b trainable, as after apply_lora: mlx-lm's loader freezes nothing
-        return load_adapter(model, directory)
-    model.load_weights(str(Path(directory) / ADAPTER_WEIGHTS), strict=False)
+    (another adapter's, or those training left at a later step than the one saved), else new layers (load_adapter).
+
+    On several ranks (distributed.py) the adapter is rank 0's: the other ranks get its layers' settings and its
+    weights from rank 0, bit for bit, and never read `directory` (it may be on rank 0's machine alone).
+    """
+    settings = distributed.from_main(lambda: read_adapter(model, Path(directory)))
+    if settings is not None and not distributed.is_main():
+        model.freeze()
+        linear_to_lora_layers(model, settings["num_layers"], settings["lora_parameters"])
+    weights = distributed.arrays_from_main(dict(tree_flatten(model.trainable_parameters())))
+    if not distributed.is_main():
+        model.load_weights(list(weights.items()), strict=False)
     return model.eval()
+
+
+def read_adapter(model: nn.Module, directory: Path) -> dict | None:
+    """The adapter in `directory` into the model's LoRA layers; into new ones if it has none, then their settings."""
+    if lora_layers(model):
+        model.load_weights(str(directory / ADAPTER_WEIGHTS), strict=False)
+        return None
+    model.freeze()  # only lora_a and lora_b trainable, as after apply_lora: mlx-lm's loader freezes nothing
+    load_adapter(model, directory)
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    return {"num_layers": config["num_layers"], "lora_parameters": config["lora_parameters"]}

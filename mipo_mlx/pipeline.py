@@ -19,6 +19,8 @@ once, on the last round's adapter. A resumed run skips the rounds before the las
 finished (their adapter is there) and goes on in the one it was in. round_started and
 round_finished events mark the rounds; each round's held-out metrics are in its
 round_finished event and in the summaries (`rounds`), and `train` prints them at the end.
+Under mlx.launch (distributed.py) every rank runs every stage and round on a view of the run
+that writes nothing; rank 0's run directory says which rounds finished before.
 """
 
 import dataclasses
@@ -28,11 +30,12 @@ import logging
 import os
 import time
 
+from mipo_mlx import distributed
 from mipo_mlx.console import ConsoleObserver, round_line
 from mipo_mlx.events import EventLog, read_events
 from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
-from mipo_mlx.rundir import ADAPTER_WEIGHTS, COMPARE_DIR, EVENTS_FILE, ResumePoint, Run, open_run
+from mipo_mlx.rundir import ADAPTER_WEIGHTS, COMPARE_DIR, EVENTS_FILE, ResumePoint, Run, open_run, run_dir_of
 
 # Stage name -> module with run_stage(run, load_model); train chains them in this order.
 STAGES = {
@@ -91,7 +94,8 @@ def resume_line(run: Run, point: ResumePoint, stages: list[str]) -> str:
 def start_round(run: Run, number: int, rounds: int) -> bool:
     """Whether round `number` of a run of several is to run (one before the last that finished is not); says which."""
     adapter = run.adapter_of_round(number)
-    if number < rounds and (adapter / ADAPTER_WEIGHTS).is_file():
+    # Rank 0's run directory says, on every rank: the others may be on machines without it.
+    if number < rounds and distributed.from_main((adapter / ADAPTER_WEIGHTS).is_file):
         logger.info(f"round {number} of {rounds} finished before: its adapter is {adapter}")
         return False
     run.events.emit("round_started", round=number, rounds=rounds)
@@ -126,6 +130,7 @@ def run_stages(run: Run, stages: list[str], load_model=None, notes: list[str] = 
         stages=stages,
         resumed=run.resumed,
         pid=os.getpid(),
+        ranks=distributed.size(),
     )
     for note in notes:
         logger.info(note)
@@ -171,18 +176,35 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    stages = ["sample"] if args.command == "sample" else list(STAGES)
-    # Sampling alone is idempotent: it always picks up where the pairs file stopped.
-    resume = args.resume or args.command == "sample"
-    checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages)
-    load_model = model_loader(recipe)
-    load_model()  # before the run directory is made: a model that does not load leaves nothing behind
+    def start():
+        recipe = load_recipe(args.recipe, args.overrides)
+        stages = ["sample"] if args.command == "sample" else list(STAGES)
+        # The run folder is rank 0's alone: other ranks may be other machines, without it.
+        checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages,
+                            run_folder=distributed.is_main())
+        load_model = model_loader(recipe)
+        load_model()  # before the run directory is made: a model that does not load leaves nothing behind
+        return recipe, stages, checked, load_model
+
+    recipe, stages, checked, load_model = distributed.agree(start)
     logger.info(f"checked the recipe, {checked.train_prompts} + {checked.test_prompts or 0} prompts and the model's "
                 f"files in {checked.seconds:.1f} s")
-    current = open_run(recipe, resume=resume, observers=[ConsoleObserver()])
+    opened = {}
+
+    def open_on_main() -> bool:
+        # Sampling alone is idempotent: it always picks up where the pairs file stopped.
+        opened["run"] = open_run(recipe, resume=args.resume or args.command == "sample", observers=[ConsoleObserver()])
+        return opened["run"].resumed
+
+    resumed = distributed.from_main(open_on_main)
+    current = opened.get("run") or Run(recipe=recipe, dir=run_dir_of(recipe), events=EventLog(None), resumed=resumed,
+                                       read_only=True)
     notes = [resume_line(current, checked.resume, stages)] if checked.resume else []
+    if distributed.size() > 1:
+        notes.append(f"one run on {distributed.size()} ranks (mx.distributed): rank 0 writes {current.dir}")
     run_stages(current, stages, load_model, notes)
+    if not distributed.is_main():  # rank 0 alone prints
+        return 0
     if "train" in stages and recipe.training.rounds > 1:
         print("\n".join(round_lines(current)))
     if "compare" in stages:

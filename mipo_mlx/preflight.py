@@ -74,14 +74,15 @@ class Checked:
     resume: ResumePoint | None = None  # where a run that exists stands (None: a new run)
 
 
-def preflight(recipe, *, resume: bool | None, stages: list[str]) -> Checked:
+def preflight(recipe, *, resume: bool | None, stages: list[str], run_folder: bool = True) -> Checked:
     """Check everything `stages` (of pipeline.STAGES) of `recipe` will read before any of it is written or loaded.
 
     `resume`: True, the run must exist (--resume); False, it must not; None, either (`sample`
-    continues a run or starts one).
+    continues a run or starts one). run_folder False: the run directory is not checked (a
+    rank other than 0, which never reads it: distributed.py).
     """
     started = time.perf_counter()
-    resumed = check_run_folder(recipe, resume, stages)
+    resumed = check_run_folder(recipe, resume, stages) if run_folder else None
     data = recipe.data
     train, _ = read_prompt_file(data.train, data.format, data.on_bad_line, key="data.train")
     test = None

@@ -94,8 +94,9 @@ RESUMABLE_CHANGES = (
 class Run:
     """One run directory, its recipe and its event log, shared by the stages.
 
-    resumed: the run existed before this start. read_only: opened by a command that reads it
-    (compare, export), whose events go to its observers and not into the run's event log.
+    resumed: the run existed before this start. read_only: this process writes nothing into
+    it: opened by a command that reads it (compare, export), whose events go to its observers
+    and not into the run's event log, or a rank other than 0 of a run on several (distributed.py).
     changed: what `--resume --set` changed at this start, {key: (before, after)}.
     round: the round (training.rounds) whose files dir holds; dir is round_dir(home, round).
     """

@@ -24,12 +24,19 @@ Iterative MIPO (training.rounds): from round 2 on, the model that samples and sc
 base with the previous round's adapter on (lora.use_adapter, as compare and eval put an
 adapter on), so the stored reference log-probs are that model's, the reference its round
 trains against; and the seed is the round's own (round_seed), so its answers draw new noise.
+
+On several ranks (mlx.launch; distributed.py) rank r makes groups r, r + N, ... of each
+round of N groups; rank 0 writes each round's pairs in the plan's order. The answers and
+the groups being what one process makes, the pairs file is the one-process file; in a later
+round every rank samples with rank 0's adapter of the round before (use_adapter) and the
+round's seed.
 """
 
 import random
 import time
 from dataclasses import dataclass
 
+from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
@@ -203,40 +210,51 @@ def run_stage(run, load_model) -> dict:
     seed = round_seed(recipe.seed, run.round)
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed)
-    pairs_file = PairsWriter(run.path(PAIRS_FILE))
-    written = pairs_file.written
+    pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
+    written = {pair.mipo.id: pair for pair in distributed.pairs_from_main(lambda: pairs_file.written.values())}
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]
     # Groups before the last one with a written pair are done (their other pairs were dropped by the filters).
     first = max((g for g, group in enumerate(groups) if any(p.id in written for p in group)), default=0)
     todo = [p for group in groups[first:] for p in group if p.id not in written]
+    # Rank r makes groups first + r, first + r + size, ...: one round of groups at a time, written in order by rank 0.
+    ranks, rank = distributed.size(), distributed.rank()
+    mine = [p for group in groups[first + rank :: ranks] for p in group if p.id not in written]
     run.events.emit("stage_started", stage="sample", total=len(plans), unit="pairs")
-    started, dropped, answers = time.time(), {}, None
+    started, dropped, answers, tokens = time.time(), {}, None, [0] * ranks
     if todo:  # a finished pairs file: nothing to load or generate
         settings = SamplerSettings(sampling.temperature, sampling.top_p, sampling.max_tokens)
-        answers = StreamedAnswers(sampling_model(run, load_model), [r for p in todo for r in (p.chosen, p.rejected)],
+        answers = StreamedAnswers(sampling_model(run, load_model), [r for p in mine for r in (p.chosen, p.rejected)],
                                   settings, seed, sampling.batch_size, known_answers(written))
-        run.events.emit("note", level="info", text=f"sampling: {len(answers.todo)} answers to generate, "
-                        f"{answers.decoder.batch_size} at a time")
-    for g in range(first, len(groups)) if todo else []:
+        to_generate = int(sum(distributed.per_rank(len(answers.todo))))
+        run.events.emit("note", level="info", text=f"sampling: {to_generate} answers to generate, "
+                        f"{answers.decoder.batch_size} at a time" + (f" on each of {ranks} ranks" if ranks > 1 else ""))
+    generated = 0
+    for start in range(first, len(groups), ranks) if todo else []:
+        g = start + rank
+        made = [pair.to_json() for pair in sample_pairs(groups[g], answers, recipe, seed)] if g < len(groups) else []
+        parts = distributed.exchange([made, answers.decoder.generated_tokens, answers.generated_answers])
         # The whole group is scored, written pairs too, so that its reference pass is the uninterrupted run's.
-        for pair in sample_pairs(groups[g], answers, recipe, seed):
+        for pair in (Pair.from_json(record) for made, _, _ in parts for record in made):
             if pair.mipo.id in written:
                 continue
             reason = drop_reason(pair, sampling)
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
             else:
-                pairs_file.append(pair)
+                written[pair.mipo.id] = pair
+                if pairs_file:
+                    pairs_file.append(pair)
+        tokens, generated = [part[1] for part in parts], sum(part[2] for part in parts)
+        done = min(start + ranks, len(groups))
         elapsed = max(time.time() - started, 1e-9)
         run.events.emit(
-            "progress", stage="sample", done=min((g + 1) * SCORING_PAIRS, len(plans)), total=len(plans),
-            unit="pairs", rate=(g - first + 1) * SCORING_PAIRS / elapsed,
-            tokens_per_second=answers.decoder.generated_tokens / elapsed,
-            eta_seconds=elapsed / (g - first + 1) * (len(groups) - g - 1),
+            "progress", stage="sample", done=min(done * SCORING_PAIRS, len(plans)), total=len(plans),
+            unit="pairs", rate=(done - first) * SCORING_PAIRS / elapsed, tokens_per_second=sum(tokens) / elapsed,
+            eta_seconds=elapsed / (done - first) * (len(groups) - done), **distributed.per_rank_rates(tokens, elapsed),
         )
-    pairs_file.close()
-    summary = {"pairs": len(pairs_file.written), "planned": len(plans), "dropped": dropped,
-               "generated_answers": answers.generated_answers if answers else 0,
-               "tokens": answers.decoder.generated_tokens if answers else 0}
+    if pairs_file:
+        pairs_file.close()
+    summary = {"pairs": len(written), "planned": len(plans), "dropped": dropped, "generated_answers": generated,
+               "tokens": sum(tokens)}
     run.events.emit("stage_finished", stage="sample", seconds=time.time() - started, **summary)
     return summary

@@ -61,6 +61,12 @@ that merge for the same reason and instead loads the trained adapter twice, one 
 on training and one as the reference; with the reference log-probs stored in the pairs, one
 copy is enough here. Each round's held-out metrics and loop probe are in its stage summary
 (held_out); the probe counts loops against the base, the product's promise.
+
+On several ranks (mlx.launch; distributed.py) each takes its share of every micro-batch's
+pairs, the gradients are summed over the ranks weighted by those shares (the same step as
+one process), and rank 0 alone writes checkpoints and the adapter; a resume gets rank 0's
+checkpoint on every rank, on any number of ranks, and a later round starts every rank from
+rank 0's adapter of the round before (lora.use_adapter).
 """
 
 import contextlib
@@ -86,6 +92,7 @@ from mlx_lm.models import activations
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mipo_mlx import distributed
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
@@ -100,7 +107,7 @@ from mipo_mlx.rundir import (
     no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
 )
 from mipo_mlx.scoring import (
-    PAD_MULTIPLE, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, score_answers, shares_prompts,
+    PAD_MULTIPLE, SCORING_ROWS, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, score_answers, shares_prompts,
 )
 from mipo_mlx.seeds import derived_seed
 
@@ -140,7 +147,7 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
         # Pairs from elsewhere: score them once, with the adapter off (the base model).
         items = [(pairs[n].prompt_messages(), text) for n in missing for text in (pairs[n].chosen_text, pairs[n].rejected_text)]
         with adapter_disabled(model):
-            logps, _ = score_answers(model, tokenizer, items)
+            logps = distributed.split_work(items, lambda part: score_answers(model, tokenizer, part)[0], SCORING_ROWS)
         for i, n in enumerate(missing):
             refs[n] = (logps[2 * i], logps[2 * i + 1])
     examples = []
@@ -317,15 +324,23 @@ class Trainer:
         """The splits with reference log-probs weighted as the policy's will be, scored once by the model as it is
         before the first step: the reference (a new adapter is zero; a later round's starts as the previous round's)."""
         weighted = []
+
+        def scored(indices: list[int], examples: list[Example]) -> list[list[float]]:
+            refs = []
+            for start in range(0, len(indices), self.training.batch_size):
+                batch_indices = indices[start : start + self.training.batch_size]
+                batch, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts)
+                logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(batch_indices))[-1]),
+                                       self.shared_prompts)
+                refs += [list(pair) for pair in zip(*[v.tolist() for v in (logps[: len(batch_indices)],
+                                                                          logps[len(batch_indices):])])]
+            return refs
+
         self.model.eval()
         for examples in splits:
-            refs = []
-            for start in range(0, len(examples), self.training.batch_size):
-                indices = list(range(start, min(start + self.training.batch_size, len(examples))))
-                batch, _, _ = collate(examples, indices, self.pad_id, self.shared_prompts)
-                logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(indices))[-1]),
-                                       self.shared_prompts)
-                refs += list(zip(*[v.tolist() for v in (logps[: len(indices)], logps[len(indices):])]))
+            # Whole batches go round the ranks: each batch is scored as one process scores it.
+            refs = distributed.split_work(list(range(len(examples))), partial(scored, examples=examples),
+                                          self.training.batch_size)
             weighted.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
         return weighted
 
@@ -381,28 +396,39 @@ class Trainer:
         mx.random.seed(derived_seed(self.seed, "step", self.step))
         batches, cursor = self.next_micro_batches()
         for indices in batches:
-            batch, refs, real_tokens = collate(self.train_examples, indices, self.pad_id, self.shared_prompts)
+            # On several ranks each takes its share of the pairs; its per-pair means count by that share.
+            mine = distributed.share(indices)
+            share = len(mine) / len(indices)
+            batch, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id, self.shared_prompts)
             metrics, grads = self._grad_step(batch, refs)
+            if share != 1:
+                grads, metrics = tree_map(lambda g: g * share, (grads, metrics))
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
-            tokens_seen += real_tokens
+            tokens_seen += real_tokens if mine else 0
         n = len(batches)
-        grad_norm = self._update(tree_map(lambda g: g / n, accumulated))
+        grad_norm = self._update(tree_map(lambda g: g / n, distributed.sum_arrays(accumulated)))
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm, sums)
         self.step, (self.epoch, self.position) = self.step + 1, cursor
-        result = {k: v.item() / n for k, v in sums.items()}
-        result.update(grad_norm=grad_norm.item(), learning_rate=self.optimizer.learning_rate.item(), tokens=tokens_seen)
+        result = {k: v / n for k, v in distributed.sum_values({k: v.item() for k, v in sums.items()}).items()}
+        rank_tokens = distributed.per_rank(tokens_seen)
+        result.update(grad_norm=grad_norm.item(), learning_rate=self.optimizer.learning_rate.item(),
+                      tokens=int(sum(rank_tokens)))
+        if len(rank_tokens) > 1:
+            result["rank_tokens"] = rank_tokens
         return result
 
     def held_out_metrics(self) -> dict:
         """The step's metrics on the held-out pairs, without an update."""
-        sums, count = {}, 0
+        sums, count = {}, len(self.held_out)
         for indices in make_batches(self.held_out, self.training.batch_size):
-            batch, refs, _ = collate(self.held_out, indices, self.pad_id, self.shared_prompts)
+            mine = distributed.share(indices)
+            if not mine:
+                continue
+            batch, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts)
             _, metrics = self._loss(self.model, batch, refs)
-            sums = {k: sums.get(k, 0) + v.item() * len(indices) for k, v in metrics.items()}
-            count += len(indices)
-        return {k: v / count for k, v in sums.items()}
+            sums = {k: sums.get(k, 0) + v.item() * len(mine) for k, v in metrics.items()}
+        return {k: v / count for k, v in distributed.sum_values(sums).items()}
 
     def state(self) -> dict:
         """Where training is: what a checkpoint's state.json holds."""
@@ -410,9 +436,9 @@ class Trainer:
                 "seed": self.seed, "data_sha256": fingerprint(self.train_examples), "best": self.best,
                 "stopped_early": self.stopped_early}
 
-    def restore(self, state: dict, adapter_weights: Path, optimizer_state: dict) -> None:
-        """Continue from a saved Trainer.state, adapter weights and optimizer state."""
-        self.model.load_weights(str(adapter_weights), strict=False)
+    def restore(self, state: dict, adapter_weights: dict, optimizer_state: dict) -> None:
+        """Continue from a saved Trainer.state, adapter weights and optimizer state ({name: array} each)."""
+        self.model.load_weights(list(adapter_weights.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
         self._compile()  # the compiled update must capture the new state dict
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
@@ -451,9 +477,11 @@ class Trainer:
 def save_checkpoint(trainer: Trainer, run, config: dict) -> Path:
     """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole.
 
-    state.json goes last, with the sha256 of the other files (rundir.write_checkpoint_state).
+    state.json goes last, with the sha256 of the other files (rundir.write_checkpoint_state). Rank 0 alone writes it.
     """
     directory = checkpoint_dir(run.dir, trainer.step)
+    if not distributed.is_main():
+        return directory
     optimizer_state = dict(tree_flatten(trainer.optimizer.state))
     with atomic_folder(directory, replace=True) as staging:
         write_adapter(staging, trainer.model, config)
@@ -495,7 +523,18 @@ def restore_checkpoint(trainer: Trainer, run, directory: Path) -> None:
     if state["data_sha256"] != fingerprint(trainer.train_examples):
         raise UserError(f"{run.path(PAIRS_FILE)} changed since {directory}; the run cannot continue "
                         "exactly: start a new run with --set run_name=NEW", key="--resume")
-    trainer.restore(state, directory / ADAPTER_WEIGHTS, mx.load(str(directory / OPTIMIZER_FILE)))
+    trainer.restore(state, mx.load(str(directory / ADAPTER_WEIGHTS)), mx.load(str(directory / OPTIMIZER_FILE)))
+
+
+def share_main_state(trainer: Trainer) -> None:
+    """Rank 0's adapter, optimizer state and position (a checkpoint it resumed from, in its run directory) on every rank."""
+    if distributed.size() == 1:
+        return
+    state = distributed.from_main(trainer.state)
+    weights = distributed.arrays_from_main(dict(tree_flatten(trainer.model.trainable_parameters())))
+    optimizer_state = distributed.arrays_from_main(dict(tree_flatten(trainer.optimizer.state)))
+    if not distributed.is_main():
+        trainer.restore(state, weights, optimizer_state)
 
 
 def not_finite(trainer: Trainer, run, metrics: dict) -> TrainingStopped:
@@ -533,14 +572,16 @@ def stop_after_step_on_sigint():
 
 def report(trainer: Trainer, events, window: list[dict], seconds: float, started: float, first_step: int) -> None:
     """The window's mean metrics and the stage's progress, as events."""
-    metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k != "tokens"}
+    metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0] if k not in ("tokens", "rank_tokens")}
     tokens_per_second = sum(m["tokens"] for m in window) / max(seconds, 1e-9)
     metrics.update(tokens_per_second=tokens_per_second, peak_memory_gb=mx.get_peak_memory() / 1e9)
-    events.emit("metrics", stage="train", split="train", step=trainer.step, epoch=trainer.epoch, **metrics)
+    ranks = [sum(n) for n in zip(*(m["rank_tokens"] for m in window))] if "rank_tokens" in window[0] else [0]
+    rates = distributed.per_rank_rates(ranks, seconds)
+    events.emit("metrics", stage="train", split="train", step=trainer.step, epoch=trainer.epoch, **metrics, **rates)
     steps_per_second = (trainer.step - first_step) / max(time.time() - started, 1e-9)
     events.emit("progress", stage="train", done=trainer.step, total=trainer.total_steps, unit="steps",
                 rate=steps_per_second, tokens_per_second=tokens_per_second,
-                eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second)
+                eta_seconds=(trainer.total_steps - trainer.step) / steps_per_second, **rates)
 
 
 class Probe:
@@ -556,9 +597,14 @@ class Probe:
     def answer(self) -> tuple[int, float]:
         """Answers in a repetition loop, and the mean answer length in tokens."""
         model = self.trainer.model.eval()
-        answers = generate_answers(model, self.trainer.tokenizer, self.prompts, self.settings, self.trainer.seed,
-                                   batch_size=len(self.prompts))
-        return sum(repetition_loop(a.text) for a in answers), sum(len(a.token_ids) for a in answers) / len(answers)
+
+        def answered(part: list[int]) -> list[list]:
+            answers = generate_answers(model, self.trainer.tokenizer, [self.prompts[i] for i in part], self.settings,
+                                       self.trainer.seed, keys=part, batch_size=len(part))
+            return [[repetition_loop(a.text), len(a.token_ids)] for a in answers]
+
+        answers = distributed.split_work(list(range(len(self.prompts))), answered)
+        return sum(loop for loop, _ in answers), sum(tokens for _, tokens in answers) / len(answers)
 
 
 SELECTION_METRICS = {"eval_loss": ("loss", 1.0), "eval_reward_accuracy": ("rewards/accuracies", -1.0)}
@@ -604,10 +650,14 @@ def write_final_adapter(trainer: Trainer, run, config: dict) -> dict:
     t, best = trainer.training, trainer.best
     if t.select_checkpoint == "last" or best is None:
         selected = {"step": trainer.step, "selected_by": "last"}
+        if not distributed.is_main():
+            return selected
         save_adapter(trainer.model, run.path(ADAPTERS_DIR), {**config, "mipo": {**config["mipo"], **selected}})
         return selected
     selected = {"step": best["step"], "selected_by": t.select_checkpoint, "value": best["value"],
                 "excess_loops": best["excess_loops"]}
+    if not distributed.is_main():
+        return selected
     with atomic_folder(run.path(ADAPTERS_DIR), replace=True) as staging:
         shutil.copy(checkpoint_dir(run.dir, best["step"]) / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
         (staging / ADAPTER_CONFIG).write_text(json.dumps({**config, "mipo": {**config["mipo"], **selected}}, indent=2))
@@ -638,7 +688,8 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
                 window = []
             if trainer.held_out and (trainer.step % t.eval_every == 0 or last_step):
                 trainer.stopped_early, held_out = evaluate_held_out(trainer, run, config, probe)
-            stopping = stop.is_set() and not last_step and not trainer.stopped_early
+            # Every rank stops after the same step (Ctrl+C reaches each at its own moment).
+            stopping = distributed.any_rank(stop.is_set()) and not last_step and not trainer.stopped_early
             checkpoint = checkpoint_dir(run.dir, trainer.step)
             saved = (checkpoint / STATE_FILE).is_file()  # the held-out evaluation may have just saved this step
             if not saved and (trainer.step % t.save_every == 0 or last_step or stopping or trainer.stopped_early):
@@ -676,7 +727,8 @@ def run_stage(run, load_model) -> dict:
         apply_lora(model, recipe.lora)
     if run.round > 1:
         use_adapter(model, run.adapter_of_round(run.round - 1))  # go on from it: it is this round's reference
-    examples = build_examples(read_pairs(run.path(PAIRS_FILE)), model, tokenizer, recipe.training.max_seq_length)
+    pairs = distributed.pairs_from_main(lambda: read_pairs(run.path(PAIRS_FILE)))
+    examples = build_examples(pairs, model, tokenizer, recipe.training.max_seq_length)
     train, held_out = split_examples(examples, recipe.training.eval_fraction, recipe.seed)
     if len(train) < recipe.training.batch_size:
         raise UserError(
@@ -684,9 +736,18 @@ def run_stage(run, load_model) -> dict:
             "sample more prompts or lower the batch size", key="training.batch_size",
         )
     trainer = Trainer(model, tokenizer, train, held_out, recipe.training, recipe.seed)
-    checkpoint = resume_checkpoint(trainer, run) if run.resumed else None
-    if checkpoint:
-        restore_checkpoint(trainer, run, checkpoint)
+    ranks, batch = distributed.size(), recipe.training.batch_size
+    if batch % ranks:
+        logger.info(f"training.batch_size {batch} does not divide among {ranks} ranks: each rank takes "
+                    f"{-(-batch // ranks)} or {batch // ranks} of each batch's pairs (the same steps; the ranks with "
+                    "more set the pace)")
+    def resume():
+        checkpoint = resume_checkpoint(trainer, run) if run.resumed else None
+        if checkpoint:
+            restore_checkpoint(trainer, run, checkpoint)
+
+    distributed.from_main(resume)  # the checkpoints are rank 0's
+    share_main_state(trainer)
     config = adapter_config(model, recipe.lora, recipe.model.path, **provenance(recipe, loaded))
     checkpointing = recipe.training.grad_checkpoint
     try:

@@ -77,7 +77,9 @@ class RunState:
             self.stages = list(event.get("stages", []))
             self.started_at = event.get("time")
             self.error = None
-            self._note(f"run started{' (resumed)' if event.get('resumed') else ''}: {self.model}")
+            ranks = event.get("ranks", 1)
+            self._note(f"run started{' (resumed)' if event.get('resumed') else ''}"
+                       f"{f' on {ranks} ranks' if ranks > 1 else ''}: {self.model}")
         elif kind == "stage_started":
             self.stage = event["stage"]
             self.progress[self.stage] = {"stage": self.stage, "done": 0, **event}
