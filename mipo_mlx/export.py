@@ -18,6 +18,18 @@ OUT is laid out as the Hub repository will be:
 Fusing merges the adapter into the dequantized base, which reproduces the adapted model.
 `--keep-quantized` merges into the quantized base and re-quantizes: smaller, but the
 outputs shift, so the log-prob drift is measured on the run's own pairs and printed.
+
+The GGUF of a run whose base is a GGUF file (llama.cpp's Q4_K_M, Q5_0, ...) is that file
+with the adapter merged: the matrices the adapter changed are written as floats, in the
+fused model's type (the run's compute type, or --dtype: F32, F16 or BF16), and every other
+tensor (embeddings, output, norms, biases, rope_freqs) is the source's own bytes in its own
+type; the metadata, tokenizer and chat template are the source's, each value with its GGUF
+type, general.file_type said anew. Floats, not K-quants again: the merged matrices are no
+longer on the source's quantization grid, re-quantizing them moves the outputs, and the
+gguf package cannot encode K-quants; llama.cpp's llama-quantize makes a Q4_K_M of the file.
+The file is written with the gguf package's GGUFWriter, one tensor at a time, and read back
+through mipo-mlx's own loader to measure its drift from the adapted model.
+
 OUT is written in a temporary folder and renamed at the end: never half-written (what a
 killed export left beside OUT goes when the next export to OUT starts).
 
@@ -33,9 +45,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.gguf import convert_to_gguf, permute_weights, translate_weight_names
 from tokenizers import decoders
@@ -45,9 +61,10 @@ from mipo_mlx.console import ConsoleObserver
 from mipo_mlx.convert import write_model_dir
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder, remove_staging
+from mipo_mlx.gguf import tensor_bytes
 from mipo_mlx.gguf_file import read_gguf_header
 from mipo_mlx.model_card import CardInputs, write_card
-from mipo_mlx.loading import is_quantized, load_recipe_model
+from mipo_mlx.loading import is_quantized, load_model, load_recipe_model
 from mipo_mlx.lora import load_adapter
 from mipo_mlx.model_sources import EMBEDDED_MODELS, embedded_model_path
 from mipo_mlx.peft_format import peft_adapter, write_peft_adapter
@@ -65,7 +82,10 @@ GGUF_FILE = "model.gguf"
 # The transformers checkpoint each embedded model was quantized from (PEFT's base).
 EMBEDDED_HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 MLX_GGUF_ARCHITECTURES = ("llama", "mistral", "mixtral")  # what mlx_lm.gguf writes
-GGUF_FILE_TYPES = {"float32": 0, "float16": 1}  # llama.cpp's general.file_type
+# The GGUF type of each float dtype and llama.cpp's general.file_type for a file of mostly that type.
+GGUF_FLOATS = {"float32": (GGMLQuantizationType.F32, 0), "float16": (GGMLQuantizationType.F16, 1),
+               "bfloat16": (GGMLQuantizationType.BF16, 32)}
+WRITER_KEYS = ("general.architecture", "general.alignment")  # GGUFWriter writes these itself
 PROBE_PAIRS, PROBE_TOKENS = 4, 256
 PROBE_FALLBACK = ([{"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris.")
 
@@ -106,48 +126,65 @@ def probe_batch(run_dir: Path, tokenizer) -> tuple[mx.array, mx.array]:
     return pad_batch([ids[:PROBE_TOKENS] for ids, _ in encoded], [start for _, start in encoded], tokenizer.pad_token_id or 0)
 
 
-def fuse_lora(model, dequantize: bool):
-    """Merge every LoRA layer into its base linear (mlx-lm's LoRALinear.fuse)."""
+def fuse_lora(model, dequantize: bool) -> list[str]:
+    """Merge every LoRA layer into its base linear (mlx-lm's LoRALinear.fuse); the merged layers' paths."""
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
     model.update_modules(tree_unflatten(fused))
-    return model
+    return [name for name, _ in fused]
 
 
 def _drift(model, probes, reference: mx.array) -> float:
     return mx.abs(answer_logprobs(model, *probes) - reference).max().item()
 
 
-def gguf_tensors(model, config: dict, dtype) -> dict:
-    """The model's weights under llama.cpp's names, Llama Q/K rows permuted as llama.cpp expects."""
-    tensors = {}
-    for name, weight in tree_flatten(model.parameters()):
-        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
-            weight = permute_weights(weight, config["num_attention_heads"])
-        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
-            weight = permute_weights(weight, config["num_attention_heads"], config["num_key_value_heads"])
-        # llama.cpp keeps norms in float32 whatever the file type.
-        tensors[translate_weight_names(name)] = weight.astype(mx.float32 if "norm" in name else dtype)
-    return tensors
-
-
-def write_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None) -> None:
-    """A GGUF of the fused float model; a GGUF base lends its own tokenizer and chat template."""
-    dtype = mx.float32 if model.model.norm.weight.dtype == mx.float32 else mx.float16
+def write_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None, changed: list[str]) -> None:
+    """A GGUF of the fused model: the source GGUF with the `changed` layers' weights replaced (module docstring)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if source_gguf is not None:
-        source_tensors, metadata = mx.load(str(source_gguf), return_metadata=True)
-        tensors = gguf_tensors(model, config, dtype)
-        if "rope_freqs.weight" in source_tensors:  # Llama 3's RoPE factors are stored as a tensor
-            tensors["rope_freqs.weight"] = source_tensors["rope_freqs.weight"]
-        file_type = GGUF_FILE_TYPES[str(dtype).removeprefix("mlx.core.")]
-        metadata["general.file_type"] = mx.array(file_type, dtype=mx.uint32)
-        mx.save_gguf(str(path), tensors, metadata)
+    if source_gguf is None:
+        check_mlx_gguf_support(config, tokenizer)
+        with tempfile.TemporaryDirectory() as folder:
+            # mlx-lm's writer reads the vocabulary from a model folder's tokenizer files.
+            tokenizer.save_pretrained(folder)
+            convert_to_gguf(Path(folder), dict(tree_flatten(model.parameters())), config, str(path))
         return
-    check_mlx_gguf_support(config, tokenizer)
-    with tempfile.TemporaryDirectory() as folder:
-        # mlx-lm's writer reads the vocabulary from a model folder's tokenizer files.
-        tokenizer.save_pretrained(folder)
-        convert_to_gguf(Path(folder), dict(tree_flatten(model.parameters())), config, str(path))
+    header = read_gguf_header(source_gguf)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # GGUFWriter's notes (endianness, file plan) tell a user nothing
+    weights = dict(tree_flatten(model.parameters()))
+    replaced = {translate_weight_names(f"{name}.weight"): weights[f"{name}.weight"] for name in changed}
+    # The fused layers' own dtype: on a GPU they are float16 while the norms stay float32.
+    float_type, file_type = GGUF_FLOATS[str(next(iter(replaced.values())).dtype).removeprefix("mlx.core.")]
+    writer = GGUFWriter(str(path), header.metadata["general.architecture"])
+    for key, value in header.metadata.items():
+        if key not in (*WRITER_KEYS, "general.file_type"):
+            kind, item_kind = header.value_types[key]
+            writer.add_key_value(key, value, GGUFValueType(kind), None if item_kind is None else GGUFValueType(item_kind))
+    writer.add_file_type(file_type)
+    for name, tensor in header.tensors.items():
+        kind = float_type if name in replaced else GGMLQuantizationType[tensor.type_name]
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        byte_shape = (*tensor.shape[:-1], tensor.shape[-1] // block * block_bytes)
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), prod(byte_shape), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, tensor in header.tensors.items():  # one tensor in memory at a time
+        if name in replaced:
+            data = quantize(np.array(_llama_cpp_rows(name, replaced[name], config).astype(mx.float32)), float_type)
+        else:
+            data = tensor_bytes(header.path, tensor)
+        writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
+    writer.close()
+
+
+def _llama_cpp_rows(gguf_name: str, weight: mx.array, config: dict) -> mx.array:
+    """Llama's Q and K rows in llama.cpp's order (gguf.py undoes it on import); other weights as they are."""
+    if config["model_type"] != "llama":
+        return weight
+    if gguf_name.endswith("attn_q.weight"):
+        return permute_weights(weight, config["num_attention_heads"])
+    if gguf_name.endswith("attn_k.weight"):
+        return permute_weights(weight, config["num_attention_heads"], config["num_key_value_heads"])
+    return weight
 
 
 def check_mlx_gguf_support(config: dict, tokenizer) -> None:
@@ -246,13 +283,19 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
     probes = probe_batch(run.dir, tokenizer)
     reference = answer_logprobs(model, *probes)  # (B,) the adapted model as trained
     mx.eval(reference)
-    model = fuse_lora(model, dequantize=True)
+    changed = fuse_lora(model, dequantize=True)
     if dtype:
         model.set_dtype(getattr(mx, dtype))
-    result.drift["fused"] = _drift(model, probes, reference)
+    if "fused" in formats or source_gguf is None:  # the GGUF of a GGUF base is measured as read back, below
+        result.drift["fused"] = _drift(model, probes, reference)
     if "gguf" in formats:
-        write_gguf(staging / FORMAT_DIRS["gguf"] / GGUF_FILE, model, float_config, tokenizer, source_gguf)
-        result.drift["gguf"] = result.drift["fused"]  # the same weights, norms in float32
+        gguf_path = staging / FORMAT_DIRS["gguf"] / GGUF_FILE
+        write_gguf(gguf_path, model, float_config, tokenizer, source_gguf, changed)
+        if source_gguf is None:
+            result.drift["gguf"] = result.drift["fused"]  # mlx-lm's writer: the same weights, norms in float32
+        else:  # read back as the run read its base
+            result.drift["gguf"] = _drift(load_model(str(gguf_path), compute=run.recipe.model.compute).model,
+                                          probes, reference)
     if "fused" not in formats:
         return
     if not keep_quantized:
@@ -264,9 +307,9 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
         raise UserError("the base model is not quantized, so there is nothing to keep; drop --keep-quantized",
                         key="--keep-quantized")
     load_adapter(quantized.model, run.final_adapter)
-    requantized = fuse_lora(quantized.model, dequantize=False)
-    result.drift["fused"] = _drift(requantized, probes, reference)
-    write_model_dir(staging / FORMAT_DIRS["fused"], requantized, quantized.config, quantized.tokenizer)
+    fuse_lora(quantized.model, dequantize=False)
+    result.drift["fused"] = _drift(quantized.model, probes, reference)
+    write_model_dir(staging / FORMAT_DIRS["fused"], quantized.model, quantized.config, quantized.tokenizer)
 
 
 def add_arguments(parser) -> None:
@@ -280,7 +323,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-quantized", action="store_true",
                         help="Fuse into the quantized base and re-quantize: smaller, but outputs shift (measured).")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="Float type of the fused and GGUF weights (default: the run's compute type).")
+                        help="Float type of the fused weights and of the GGUF's changed matrices (default: the run's "
+                             "compute type).")
     parser.add_argument("--push", metavar="REPO_ID", help="Upload OUT to this Hub repository in one commit.")
     parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                         help="Create the Hub repository as private (default: the recipe's export.private).")

@@ -282,7 +282,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream[..., None].view(np.uint8)[..., :bits]).reshape(len(codes), -1).view(np.uint32)
 
 
-def _read(path: str, tensor: GGUFTensor, first_row: int = 0, rows: int | None = None) -> np.ndarray:
+def tensor_bytes(path: str, tensor: GGUFTensor, first_row: int = 0, rows: int | None = None) -> np.ndarray:
     """Rows of a tensor's raw bytes, (rows, bytes per row): read, not mapped, so only what is decoded is in memory."""
     rows = prod(tensor.shape[:-1]) - first_row if rows is None else rows
     raw = np.fromfile(path, np.uint8, rows * tensor.row_bytes, offset=tensor.offset + first_row * tensor.row_bytes)
@@ -299,7 +299,7 @@ def quantized_tensor(path: str, tensor: GGUFTensor, spec: Import) -> tuple[mx.ar
     biases = np.empty_like(scales)
     step_rows = max(1, SLICE_VALUES // columns)
     for start in range(0, rows, step_rows):
-        blocks = _read(path, tensor, start, min(step_rows, rows - start))
+        blocks = tensor_bytes(path, tensor, start, min(step_rows, rows - start))
         count = len(blocks)
         values = dequantize(blocks, kind).reshape(count, -1, GROUP_SIZE)
         if spec.grid:
@@ -322,7 +322,7 @@ def quantized_tensor(path: str, tensor: GGUFTensor, spec: Import) -> tuple[mx.ar
 
 def float_tensor(path: str, tensor: GGUFTensor) -> mx.array:
     """An F32, F16 or BF16 GGUF tensor in its own dtype."""
-    raw = _read(path, tensor).reshape(-1)
+    raw = tensor_bytes(path, tensor).reshape(-1)
     if tensor.type_name == "BF16":  # numpy has no bfloat16: MLX reinterprets the bytes
         return mx.array(raw.view(np.uint16).reshape(tensor.shape)).view(mx.bfloat16)
     return mx.array(raw.view(np.dtype(FLOAT_DTYPES[tensor.type_name])).reshape(tensor.shape))

@@ -2,13 +2,16 @@
 
     header = read_gguf_header("model.gguf")          # or a UserError naming the file and the fix
     header.metadata["general.architecture"], header.tensors["token_embd.weight"].type_name
+    header.value_types["general.file_type"]           # (4, None): a uint32, not an array
 
 Pure Python (struct over a read-only mmap), so the preflight checks a .gguf model in a
 fraction of a second without importing MLX or numpy: the magic and version, every key and
 value, every tensor's name, dimensions and type, and that its bytes lie inside the file.
-A tensor type mipo-mlx does not import (IQ2_XXS ... IQ4_XS, TQ*, MXFP4, ...) is one line
-naming it. The gguf package's GGUFReader reads the same, but makes a numpy array of every
-string: 14 s and 250 MB for Qwen2.5's 151,936-token vocabulary, where this takes 0.3 s.
+Each value's GGUF type is kept beside it (`value_types`), so that export writes the metadata
+back as the source had it (a uint32 stays a uint32). A tensor type mipo-mlx does not import
+(IQ2_XXS ... IQ4_XS, TQ*, MXFP4, ...) is one line naming it. The gguf package's GGUFReader
+reads the same, but makes a numpy array of every string: 14 s and 250 MB for Qwen2.5's
+151,936-token vocabulary, where this takes 0.3 s.
 """
 
 import mmap
@@ -55,6 +58,7 @@ class GGUFTensor:
 class GGUFHeader:
     path: str
     metadata: dict  # key -> int, float, bool, str or a list of them
+    value_types: dict[str, tuple[int, int | None]]  # key -> its GGUF value type and, for an array, its items'
     tensors: dict[str, GGUFTensor]  # in the file's order
 
 
@@ -82,19 +86,30 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _Damaged(f"a string at byte {self.at - length:,} is not UTF-8") from None
 
+    def typed_value(self) -> tuple[object, tuple[int, int | None]]:
+        """A metadata value with its type, and its items' type when it is an array."""
+        (kind,) = self.take("I")
+        if kind != ARRAY:
+            return self.value(kind), (kind, None)
+        (item_kind,) = self.take("I")
+        return self.array(item_kind), (ARRAY, item_kind)
+
     def value(self, kind: int):
         if kind in SCALAR_FORMATS:
             return self.take(SCALAR_FORMATS[kind])[0]
         if kind == STRING:
             return self.string()
         if kind == ARRAY:
-            item_kind, count = self.take("I")[0], self.take("Q")[0]
-            if count > len(self.data) - self.at:  # every item takes a byte or more
-                raise _Damaged(f"an array at byte {self.at:,} claims {count:,} items, more than the file holds")
-            if item_kind in SCALAR_FORMATS:
-                return list(self.take(SCALAR_FORMATS[item_kind], count))
-            return [self.value(item_kind) for _ in range(count)]
+            return self.array(self.take("I")[0])
         raise _Damaged(f"unknown metadata value type {kind} at byte {self.at:,}")
+
+    def array(self, item_kind: int) -> list:
+        (count,) = self.take("Q")
+        if count > len(self.data) - self.at:  # every item takes a byte or more
+            raise _Damaged(f"an array at byte {self.at:,} claims {count:,} items, more than the file holds")
+        if item_kind in SCALAR_FORMATS:
+            return list(self.take(SCALAR_FORMATS[item_kind], count))
+        return [self.value(item_kind) for _ in range(count)]
 
 
 def _type_name(type_id: int) -> str:
@@ -132,10 +147,10 @@ def _parse(path: str, data) -> GGUFHeader:
     if version not in VERSIONS:
         raise _Damaged(f"GGUF version {version}, where mipo-mlx reads versions {' and '.join(map(str, VERSIONS))}")
     tensor_count, key_count = cursor.take("Q", 2)
-    metadata = {}
+    metadata, value_types = {}, {}
     for _ in range(key_count):
         key = cursor.string()
-        metadata[key] = cursor.value(cursor.take("I")[0])
+        metadata[key], value_types[key] = cursor.typed_value()
     listed = []
     for _ in range(tensor_count):
         name = cursor.string()
@@ -171,4 +186,4 @@ def _parse(path: str, data) -> GGUFHeader:
         if name in tensors:
             raise _Damaged(f"tensor {name} is listed twice")
         tensors[name] = GGUFTensor(name, type_name, shape, start + offset, nbytes)
-    return GGUFHeader(path, metadata, tensors)
+    return GGUFHeader(path, metadata, value_types, tensors)

@@ -3,6 +3,7 @@
     run_dir = make_run(tmp_path, "llama")                        # float mlx-lm directory as the base
     run_dir = make_run(tmp_path, "llama", quantized=True)        # 4-bit base
     run_dir = make_run(tmp_path, "qwen2", base="gguf")           # a llama.cpp-style GGUF file as the base
+    run_dir = make_run(tmp_path, "qwen2", base="q4_k_m")         # a GGUF mixing types as a Q4_K_M file does
     reference = adapted_logprobs(run_dir)                        # (B,) what every export must reproduce
 
 The adapter is mlx-lm's LoRA on the recipe's modules with random, non-zero lora_b, saved by
@@ -25,6 +26,8 @@ from mipo_mlx.recipe import Recipe, dump_recipe, parse_recipe
 from mipo_mlx.scoring import answer_logprobs
 from tiny_models import save_tiny_model
 
+# The types llama.cpp's Q4_K_M of Qwen2.5-Coder-0.5B mixes: Q5_0 (most matrices, the embedding) and these.
+Q4_K_M_TYPES = {"mlp.down_proj": "Q6_K", "mlp.up_proj": "Q4_K", "self_attn.v_proj": "Q8_0", "lm_head": "Q8_0"}
 PAIRS = [
     ("My cat Luna likes the sofa.", "What is the capital of France?", "The capital of France is Paris.", "Paris."),
     ("I live in Lisbon.", "Write a short poem about the sea.", "The sea, the sun and the sand.", "Hola, gracias."),
@@ -37,6 +40,8 @@ def make_run(root: Path, arch: str = "llama", quantized: bool = False, base: str
     root = Path(root)
     if base == "gguf":
         model_path, _ = write_tiny_gguf(root / f"{arch}.gguf", arch, "Q4_0" if quantized else "F32", "F32", seed=seed)
+    elif base == "q4_k_m":
+        model_path, _ = write_tiny_gguf(root / f"{arch}.gguf", arch, "Q5_0", "Q5_0", seed=seed, types=Q4_K_M_TYPES)
     else:
         model_path = save_tiny_model(root / f"{arch}-base", arch, quantized, seed=seed)
     recipe = Recipe()

@@ -1,6 +1,7 @@
 """Write tiny Llama and Qwen2 GGUF files the way llama.cpp does, for loader tests.
 
     path, reference = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q4_0")
+    path, reference = write_tiny_gguf(tmp_path / "m.gguf", "qwen2", "Q4_K", "Q6_K", types={"mlp.down_proj": "Q5_0"})
 
 `reference` is an mlx-lm model holding the exact weights the file encodes (quantized
 tensors dequantized with gguf's own reference code), so a correct loader must give the
@@ -8,7 +9,8 @@ same logits. Types the gguf package can encode (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_
 are encoded from the weights as llama.cpp does; the K-quants it cannot encode (Q2_K ...
 Q6_K) are random valid blocks, every code and sub-block scale bit pattern, with the
 float16 block scales set so the weights have the source's spread and about zero mean.
-K-quant blocks hold 256 values, so a file with one is 256 wide. Llama Q/K rows are
+K-quant blocks hold 256 values, so a file with one is 256 wide. `types` gives the tensors
+whose name holds a key that key's type instead, as Q4_K_M files mix types. Llama Q/K rows are
 permuted as llama.cpp's converter does; with
 `llama3_rope=True` the file carries Llama 3's RoPE scaling as llama.cpp does, as a
 `rope_freqs` tensor of per-frequency factors.
@@ -131,10 +133,11 @@ def llama3_rope_factors(head_dim: int, base: float, scaling: dict) -> np.ndarray
 
 def write_tiny_gguf(
     path: Path, arch: str = "llama", qtype: str = "Q4_0", embedding_qtype: str = "Q8_0", seed: int = 0,
-    llama3_rope: bool = False, user_defined_tokens: tuple[str, ...] = (),
+    llama3_rope: bool = False, user_defined_tokens: tuple[str, ...] = (), types: dict[str, str] | None = None,
 ):
+    types = types or {}
     config = tiny_config(arch)
-    if {qtype, embedding_qtype} & set(K_QUANT_SCALES):
+    if {qtype, embedding_qtype, *types.values()} & set(K_QUANT_SCALES):
         config.update(hidden_size=256, intermediate_size=512)
     if llama3_rope:
         config["rope_scaling"] = LLAMA3_ROPE
@@ -160,7 +163,7 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     for name, weight in weights.items():
         is_matrix = weight.ndim == 2
-        kind = embedding_qtype if "embed_tokens" in name else qtype
+        kind = next((t for part, t in types.items() if part in name), embedding_qtype if "embed_tokens" in name else qtype)
         stored = weight
         if arch == "llama" and ".q_proj.weight" in name:
             stored = permute_rows(weight, config["num_attention_heads"])

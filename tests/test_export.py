@@ -10,13 +10,16 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
+from gguf import GGUFReader, GGUFValueType
 
 from export_runs import adapted_logprobs, logprobs_of, make_run
 from mipo_mlx import export
 from mipo_mlx.errors import UserError
-from mipo_mlx.export import export_run
-from mipo_mlx.gguf import load_gguf
-from mipo_mlx.loading import is_quantized
+from mipo_mlx.export import GGUF_FLOATS, export_run
+from mipo_mlx.gguf import tensor_bytes
+from mipo_mlx.gguf_file import read_gguf_header
+from mipo_mlx.loading import is_quantized, load_model
+from mipo_mlx.lora import load_adapter
 from mipo_mlx.model_card import CardInputs, usage
 from mipo_mlx.rundir import reopen_run
 from mipo_mlx.recipe import parse_recipe
@@ -26,6 +29,12 @@ def parse_args(*argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     export.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def greedy(model, tokenizer) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True)
+    return mlx_lm.generate(model, tokenizer, prompt, max_tokens=12)
 
 
 def test_mlx_adapter_and_fused_model_reproduce_the_adapted_model(tmp_path):
@@ -41,10 +50,7 @@ def test_mlx_adapter_and_fused_model_reproduce_the_adapted_model(tmp_path):
     np.testing.assert_allclose(logprobs_of(fused, run_dir, tokenizer), reference, atol=1e-3)
     assert result.drift["fused"] < 1e-3
     # Same greedy continuation from the fused model as from base + adapter.
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True)
-    greedy = lambda m: mlx_lm.generate(m, tokenizer, prompt, max_tokens=12)  # noqa: E731
-    assert greedy(fused) == greedy(model)
+    assert greedy(fused, tokenizer) == greedy(model, tokenizer)
     # The adapter changes the model: the base alone scores differently.
     base, _ = mlx_lm.load(str(base_dir))
     assert np.abs(logprobs_of(base, run_dir, tokenizer) - reference).max() > 0.1
@@ -69,17 +75,53 @@ def test_fusing_into_a_quantized_base_dequantizes_unless_asked(tmp_path, capsys)
     assert f"fused: sequence log-probs within {drift:.2e}" in printed
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gguf_of_a_gguf_base_reloads_with_its_tokenizer(tmp_path, arch):
-    run_dir = make_run(tmp_path, arch, quantized=True, base="gguf")
+@pytest.mark.parametrize(("arch", "dtype", "changed_type"), [("llama", None, "F32"), ("qwen2", "float16", "F16")])
+def test_gguf_of_a_k_quant_base_is_the_source_with_the_changed_matrices_as_floats(tmp_path, capsys, arch, dtype,
+                                                                                 changed_type):
+    # Q5_0, Q4_K, Q6_K and Q8_0 tensors, as in llama.cpp's Q4_K_M files; the adapter on some of the matrices.
+    keys = ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"]
+    run_dir = make_run(tmp_path, arch, base="q4_k_m", keys=keys)
     reference = adapted_logprobs(run_dir)
-    export_run(reopen_run(run_dir), tmp_path / "out", ["gguf"])
-    model, tokenizer, config = load_gguf(tmp_path / "out" / "gguf" / "model.gguf")
-    assert config["model_type"] == arch and not is_quantized(model)
-    np.testing.assert_allclose(logprobs_of(model, run_dir, tokenizer), reference, atol=1e-3)
-    _, source_tokenizer, _ = load_gguf(tmp_path / f"{arch}.gguf")
-    assert tokenizer.chat_template == source_tokenizer.chat_template
-    assert tokenizer.encode("Bonjour, voici une idée") == source_tokenizer.encode("Bonjour, voici une idée")
+    adapted = load_model(str(tmp_path / f"{arch}.gguf"))
+    load_adapter(adapted.model, run_dir / "adapters")
+    argv = [str(run_dir), "--to", str(tmp_path / "out"), "--format", "gguf"] + (["--dtype", dtype] if dtype else [])
+    assert export.run(parse_args(*argv)) == 0
+    path = tmp_path / "out" / "gguf" / "model.gguf"
+
+    exported = load_model(str(path))  # as the run loaded its base: dequantized to float32 on the CPU
+    tolerance = 1e-4 if dtype is None else 2e-2  # float16's rounding of the changed matrices
+    np.testing.assert_allclose(logprobs_of(exported.model, run_dir, exported.tokenizer), reference, atol=tolerance)
+    assert greedy(exported.model, exported.tokenizer) == greedy(adapted.model, adapted.tokenizer)
+    assert "gguf: sequence log-probs within" in capsys.readouterr().out
+
+    source, written = read_gguf_header(tmp_path / f"{arch}.gguf"), read_gguf_header(path)
+    # The tiny source has no general.file_type (llama.cpp's files do: 15 for Q4_K_M); the export says its own.
+    assert written.metadata == {**source.metadata, "general.file_type": GGUF_FLOATS[dtype or "float32"][1]}
+    assert written.value_types == {**source.value_types, "general.file_type": (GGUFValueType.UINT32, None)}
+    changed = {f"blk.{layer}.{kind}.weight" for layer in range(2) for kind in ("attn_q", "attn_k", "ffn_up")}
+    assert {n: t.type_name for n, t in written.tensors.items()} == {
+        n: changed_type if n in changed else t.type_name for n, t in source.tensors.items()}
+    assert {source.tensors[n].type_name for n in changed} == {"Q5_0", "Q4_K"}
+    assert {t.type_name for n, t in written.tensors.items() if n not in changed} == {"Q5_0", "Q6_K", "Q8_0", "F32"}
+    for name in source.tensors.keys() - changed:  # the source's own bytes, for llama.cpp as for mipo-mlx
+        assert (tensor_bytes(str(path), written.tensors[name]) == tensor_bytes(str(source.path), source.tensors[name])).all()
+    # The gguf package's own reader (llama.cpp's Python library) reads every tensor back.
+    reader = GGUFReader(path)
+    assert [(t.name, t.tensor_type.name) for t in reader.tensors] == [(n, t.type_name) for n, t in written.tensors.items()]
+    assert "tokenizer.chat_template" in reader.fields
+
+
+def test_gguf_export_of_a_run_whose_gguf_base_was_cut_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from mipo_mlx import cli
+
+    run_dir = make_run(tmp_path, "qwen2", base="q4_k_m")
+    base = tmp_path / "qwen2.gguf"
+    base.write_bytes(base.read_bytes()[:-1000])
+    assert cli.main(["export", str(run_dir), "--to", str(tmp_path / "out"), "--format", "gguf"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert "cannot read this GGUF file" in error and "it was cut short" in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("arch", "words"), [("qwen2", "'qwen2' model is not supported"), ("llama", "byte-level BPE")])

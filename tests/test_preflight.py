@@ -122,6 +122,9 @@ def test_a_gguf_header_reads_as_gguf_py_reads_it():
         t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
         for t in reference.tensors}
     assert set(header.metadata) == {name for name in reference.fields if not name.startswith("GGUF.")}
+    # Each value's type as gguf-py reads it: [kind], or [ARRAY, item kind] for an array.
+    assert {key: [kind for kind in types if kind is not None] for key, types in header.value_types.items()} == {
+        key: list(reference.fields[key].types) for key in header.metadata}
     assert header.metadata["general.architecture"] == "llama"
     assert len(header.metadata["tokenizer.ggml.tokens"]) == 49152
     types = [gguf.constants.GGMLQuantizationType(number) for number in TENSOR_TYPES]
