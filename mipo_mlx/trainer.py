@@ -419,8 +419,10 @@ class Trainer:
         return result
 
     def held_out_metrics(self) -> dict:
-        """The step's metrics on the held-out pairs, without an update."""
+        """The step's metrics on the held-out pairs, without an update and without dropout (the model is left in eval
+        mode; fit puts it back in train mode before each step)."""
         sums, count = {}, len(self.held_out)
+        self.model.eval()
         for indices in make_batches(self.held_out, self.training.batch_size):
             mine = distributed.share(indices)
             if not mine:

@@ -367,6 +367,22 @@ def test_a_step_needs_only_examples_a_model_and_a_config(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_held_out_metrics_have_no_dropout_noise():
+    """With LoRA dropout on, the held-out loss is the model's, not a draw: the same twice, in whatever mode."""
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4, dropout=0.5))
+    pairs = [Pair(f"{context} {question}", chosen, rejected) for question, context, chosen, rejected in PAIRS]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    training = TrainingConfig(batch_size=2, learning_rate=1e-2, warmup_ratio=0.0)
+    trainer = trainer_module.Trainer(model, tokenizer, examples[:4], examples[4:], training, seed=0)
+    model.train()
+    trainer.train_step()  # a non-zero adapter, so that dropout would change the log-probs
+    model.train()
+    first = trainer.held_out_metrics()
+    model.train()
+    assert trainer.held_out_metrics() == first
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_learning_rate_warms_up_then_follows_the_scheduler_type(kind):
     training = TrainingConfig(learning_rate=1e-3, warmup_ratio=0.1, lr_scheduler_type=kind)
