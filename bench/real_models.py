@@ -17,8 +17,9 @@ Per model, in a child process (so that its peak memory is its own):
   prompts, and the largest difference of scoring.score_pairs' log-probs on those answers
   from a plain full forward of each sequence alone.
 Then, as a user runs them: `mipo-mlx train recipes/quickstart.yaml` on 32 bundled prompts,
-1 epoch, 48-token answers, 16 held-out prompts (its before/after adherence read from the
-run's compare/metrics.json), and `mipo-mlx export RUN --format peft --base-model ...`.
+1 epoch, 48-token answers, 16 held-out prompts (its before/after adherence and answers in a
+repetition loop read from the run's compare/metrics.json), and `mipo-mlx export RUN --format
+peft --base-model ...`.
 Runs and exports go to DIR/bench-runs and are replaced on every run.
 
 Measured on this machine: see README, Measured models.
@@ -190,7 +191,7 @@ def bench_model(key: str, cache: Path, args) -> dict:
     from mipo_mlx.rundir import COMPARE_DIR
 
     metrics, _ = read_outputs(run_dir / COMPARE_DIR)
-    result["adherence"] = metrics["adherence/overall"]
+    result["adherence"], result["loops"] = metrics["adherence/overall"], metrics["repetition_loop"]
     result["export_s"] = run_cli("export", str(run_dir), "--to", str(export_dir), "--format", "peft",
                                  "--base-model", source.base_model)
     result["export_files"] = sorted(p.name for p in export_dir.iterdir())
@@ -215,6 +216,9 @@ def table(results: dict[str, dict]) -> str:
             f"{r['adherence']['before']:.2f} -> {r['adherence']['after']:.2f} "
             f"(diff CI [{r['adherence']['difference_ci'][0]:.2f}, {r['adherence']['difference_ci'][1]:.2f}], "
             f"p = {r['adherence']['p_value']:.2f}, n = {r['adherence']['n']})"),
+        "held-out answers in a repetition loop before -> after": lambda r: (
+            f"{round(r['loops']['before'] * r['loops']['n'])} -> {round(r['loops']['after'] * r['loops']['n'])} "
+            f"of {r['loops']['n']}"),
         "`mipo-mlx export --format peft`": lambda r: f"{r['export_s']:.0f} s: {', '.join(r['export_files'])}",
     }
     keys = list(results)
