@@ -477,12 +477,15 @@ class Trainer:
 
 
 def save_checkpoint(trainer: Trainer, run, config: dict) -> Path:
-    """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole.
+    """The adapter, the optimizer state and Trainer.state as RUN_DIR/checkpoints/step-NNNNNN, written whole, unless
+    that step's checkpoint is there already (the held-out evaluation saves the step it selects).
 
-    state.json goes last, with the sha256 of the other files (rundir.write_checkpoint_state). Rank 0 alone writes it.
+    state.json goes last, with the sha256 of the other files (rundir.write_checkpoint_state). Rank 0 alone looks in
+    the run directory and writes: on another machine a rank may find no such folder, another run's or one it may
+    not read there, and since it writes nothing, whether the step is saved is no question for it.
     """
     directory = checkpoint_dir(run.dir, trainer.step)
-    if not distributed.is_main():
+    if not distributed.is_main() or (directory / STATE_FILE).is_file():
         return directory
     optimizer_state = dict(tree_flatten(trainer.optimizer.state))
     with atomic_folder(directory, replace=True) as staging:
@@ -540,8 +543,16 @@ def share_main_state(trainer: Trainer) -> None:
 
 
 def not_finite(trainer: Trainer, run, metrics: dict) -> TrainingStopped:
-    """The stop for a NaN or infinite step, naming the checkpoint to continue from and the command that does."""
-    good, _ = usable_checkpoint(run.dir)
+    """The stop for a NaN or infinite step, naming the checkpoint to continue from and the command that does.
+
+    Every rank stops at the same step (the metrics are summed over the ranks); the checkpoint is rank 0's to name.
+    """
+
+    def newest() -> str | None:
+        good, _ = usable_checkpoint(run.dir)
+        return good and str(good)
+
+    good = distributed.from_main(newest)
     lower = f"{trainer.training.learning_rate / 10:.3g}"
     start = f"from {good}" if good else "from the first step (no checkpoint yet)"
     return TrainingStopped(
@@ -636,8 +647,7 @@ def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) 
     best = trainer.best
     if best is None or key < (best["excess_loops"], sign * best["value"]):
         trainer.best = {"step": trainer.step, "value": metrics[name], "excess_loops": excess}
-        if not (checkpoint_dir(run.dir, trainer.step) / STATE_FILE).is_file():
-            save_checkpoint(trainer, run, config)  # the selected adapter must be on disk
+        save_checkpoint(trainer, run, config)  # the selected adapter must be on disk
         return False, metrics
     patience = t.early_stopping_patience
     if patience and (trainer.step - best["step"]) // t.eval_every >= patience:
@@ -692,10 +702,8 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
                 trainer.stopped_early, held_out = evaluate_held_out(trainer, run, config, probe)
             # Every rank stops after the same step (Ctrl+C reaches each at its own moment).
             stopping = distributed.any_rank(stop.is_set()) and not last_step and not trainer.stopped_early
-            checkpoint = checkpoint_dir(run.dir, trainer.step)
-            saved = (checkpoint / STATE_FILE).is_file()  # the held-out evaluation may have just saved this step
-            if not saved and (trainer.step % t.save_every == 0 or last_step or stopping or trainer.stopped_early):
-                save_checkpoint(trainer, run, config)
+            if trainer.step % t.save_every == 0 or last_step or stopping or trainer.stopped_early:
+                checkpoint = save_checkpoint(trainer, run, config)
             if stopping:
                 events.emit("note", level="info", text=f"stopped; checkpoint {checkpoint}")
                 raise KeyboardInterrupt

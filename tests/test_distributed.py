@@ -35,10 +35,22 @@ from mipo_mlx.rundir import (
 )
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
-# Runs the CLI; with MIPO_TEST_MARKER set, rank 1 writes its pid there before its third step and waits to be killed.
+# Runs the CLI; with MIPO_TEST_MARKER set, rank 1 writes its pid there before its third step and waits to be killed;
+# with MIPO_TEST_UNREADABLE set, the ranks but rank 0 may not read anything below that folder, as when another
+# machine has a folder of another user at that path (the tests run as root, who reads any folder: no chmod).
 CHILD = """
-import os, sys, time
+import builtins, io, os, sys, time
 from pathlib import Path
+unreadable = os.environ.get("MIPO_TEST_UNREADABLE")
+if unreadable and os.environ["MLX_RANK"] != "0":
+    def refused(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).is_relative_to(unreadable):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+    os.stat, os.scandir, os.listdir = refused(os.stat), refused(os.scandir), refused(os.listdir)
+    builtins.open = io.open = refused(io.open)
 from mipo_mlx import cli, distributed, trainer
 marker = os.environ.get("MIPO_TEST_MARKER")
 if marker:
@@ -126,6 +138,22 @@ def test_two_ranks_sample_the_same_pairs_and_train_the_same_trajectory(folder):
     progress = [e for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert progress and all(len(e["rank_tokens_per_second"]) == 2 for e in progress)
     assert "2 ranks " in progress_line(progress[-1])
+
+
+def test_ranks_that_cannot_read_the_run_directory_train_as_one_process(folder):
+    # Rank 0 alone reads the run directory, also to know whether a step is saved: rank 1 may not read runs/ at all.
+    # select_checkpoint makes the held-out evaluation save the step it selects; it evaluates once (eval_every 10 > 4
+    # steps), at the last step, so the final adapter is the one-process run's.
+    child = launch(folder, "train", "recipe.yaml", "--set", "run_name=unreadable", "--set",
+                   "training.select_checkpoint=eval_loss", env={"MIPO_TEST_UNREADABLE": str(folder / "runs")})
+    assert child.wait(timeout=300) == 0, (folder / "launch.log").read_text()
+    log = (folder / "launch.log").read_text()
+    assert "Traceback" not in log and "mipo-mlx: error" not in log, log
+    one, run = folder / "runs" / "one", folder / "runs" / "unreadable"
+    assert (run / PAIRS_FILE).read_bytes() == (one / PAIRS_FILE).read_bytes()
+    assert_same_trajectory(run, one)
+    assert sorted(os.listdir(run / CHECKPOINTS_DIR)) == sorted(os.listdir(one / CHECKPOINTS_DIR))
+    assert (run / COMPARE_DIR / ANSWERS_FILE).read_bytes() == (one / COMPARE_DIR / ANSWERS_FILE).read_bytes()
 
 
 def test_three_ranks_split_a_batch_of_4_unevenly_in_one_line_and_take_the_same_steps(folder):
