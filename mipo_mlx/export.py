@@ -276,7 +276,11 @@ def export_run(
 
 
 def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtype, source_gguf, result) -> None:
-    """Merge the adapter into the base for fused/ and gguf/, measuring the drift from the adapted model."""
+    """Merge the adapter into the base for fused/ and gguf/, measuring the drift from the adapted model.
+
+    With keep_quantized it takes loaded's model, and frees it (loaded.model is None after) before the quantized
+    base loads.
+    """
     model, tokenizer = loaded.model, loaded.tokenizer
     float_config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
     load_adapter(model, run.final_adapter)
@@ -301,7 +305,11 @@ def _write_fused(staging: Path, run, loaded, formats, keep_quantized: bool, dtyp
     if not keep_quantized:
         write_model_dir(staging / FORMAT_DIRS["fused"], model, float_config, tokenizer)
         return
-    del model  # one float copy at a time
+    # One model at a time: the float one goes before the quantized one loads (export_run's LoadedModel holds it
+    # too), and so does its memory, which MLX would keep cached for arrays of its sizes.
+    del model
+    loaded.model = None
+    mx.clear_cache()
     quantized = load_recipe_model(run.recipe.model, compute="quantized")
     if not is_quantized(quantized.model):
         raise UserError("the base model is not quantized, so there is nothing to keep; drop --keep-quantized",

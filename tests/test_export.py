@@ -4,6 +4,7 @@
 """
 
 import argparse
+import weakref
 
 import mlx.core as mx
 import mlx_lm
@@ -73,6 +74,23 @@ def test_fusing_into_a_quantized_base_dequantizes_unless_asked(tmp_path, capsys)
     drift = np.abs(logprobs_of(requantized, run_dir, tokenizer) - reference).max()
     assert drift > 1e-3  # re-quantizing shifts outputs, which is why it is opt-in
     assert f"fused: sequence log-probs within {drift:.2e}" in printed
+
+
+def test_keep_quantized_frees_the_float_model_before_the_quantized_one_loads(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path, "llama", quantized=True)
+    models, load = [], export.load_recipe_model
+
+    def counted(spec, **options):
+        if options.get("compute") == "quantized":
+            # One model in memory at a time: the fused float one is gone, and MLX keeps none of its memory cached.
+            assert models[0]() is None and mx.get_cache_memory() == 0
+        loaded = load(spec, **options)
+        models.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(export, "load_recipe_model", counted)
+    export_run(reopen_run(run_dir), tmp_path / "q", ["fused"], keep_quantized=True)
+    assert len(models) == 2 and is_quantized(mlx_lm.load(str(tmp_path / "q" / "fused"))[0])
 
 
 @pytest.mark.parametrize(("arch", "dtype", "changed_type"), [("llama", None, "F32"), ("qwen2", "float16", "F16")])
