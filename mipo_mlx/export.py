@@ -106,11 +106,11 @@ def base_gguf_path(model_path: str) -> Path | None:
     return Path(model_path).expanduser() if model_path.endswith(".gguf") else None
 
 
-def default_base_model(model_path: str, config: dict) -> str:
-    """The id PEFT users load the base with; a quantized or local base gets a warning."""
+def default_base_model(model_path: str, config: dict, peft: bool) -> str:
+    """The id PEFT users load the base with; writing PEFT files (peft), a quantized or local base gets a warning."""
     if model_path in EMBEDDED_HF_IDS:
         return EMBEDDED_HF_IDS[model_path]
-    if config.get("quantization") or not is_hub_id(model_path) or Path(model_path).exists():
+    if peft and (config.get("quantization") or not is_hub_id(model_path) or Path(model_path).exists()):
         logger.warning(
             f"PEFT's base_model_name_or_path is {model_path!r}, which transformers cannot load as a float model; "
             "pass --base-model with the transformers checkpoint it came from (e.g. Qwen/Qwen2.5-1.5B-Instruct)"
@@ -247,7 +247,8 @@ def export_run(
     loaded = load_recipe_model(recipe.model)
     if "gguf" in formats and source_gguf is None:
         check_mlx_gguf_support(loaded.config, loaded.tokenizer)  # before any slow work
-    result = ExportResult(out, list(formats), base_model or default_base_model(recipe.model.path, loaded.config))
+    result = ExportResult(out, list(formats),
+                          base_model or default_base_model(recipe.model.path, loaded.config, "peft" in formats))
     license_ = read_gguf_header(source_gguf).metadata.get("general.license") if source_gguf else None
 
     with atomic_folder(out) as staging:
@@ -353,7 +354,8 @@ def run(args) -> int:
         check_push_target(repo_id, dry_run=args.dry_run)  # export_run checks the rest before any work
     result = export_run(finished, args.out, formats, base_model=args.base_model,
                         keep_quantized=args.keep_quantized, dtype=args.dtype, repo_id=repo_id)
-    print(f"wrote {result.out} ({', '.join(result.formats)}); PEFT base: {result.base_model}")
+    peft_base = f"; PEFT base: {result.base_model}" if "peft" in result.formats else ""
+    print(f"wrote {result.out} ({', '.join(result.formats)}){peft_base}")
     for name, drift in result.drift.items():
         print(f"{name}: sequence log-probs within {drift:.2e} nats of the adapted model")
     if repo_id:

@@ -4,6 +4,9 @@
 """
 
 import argparse
+import os
+import subprocess
+import sys
 import weakref
 
 import mlx.core as mx
@@ -150,6 +153,22 @@ def test_gguf_refusals_name_the_reason_and_write_nothing(tmp_path, arch, words):
     assert "convert_hf_to_gguf.py" in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_the_peft_base_is_spoken_of_only_when_peft_files_are_written(tmp_path):
+    run_dir = make_run(tmp_path, "llama", base="gguf")  # a local file, which transformers cannot load
+
+    def export_output(out: str, formats: str) -> str:
+        command = [sys.executable, "-m", "mipo_mlx.cli", "export", str(run_dir), "--to", str(tmp_path / out),
+                   "--format", formats]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    printed = export_output("gguf", "gguf")
+    assert "gguf: sequence log-probs within" in printed and "PEFT" not in printed
+    printed = export_output("peft", "peft")
+    assert "PEFT's base_model_name_or_path is" in printed and "; PEFT base: " in printed
 
 
 def test_card_front_matter_metrics_examples_and_curve(tmp_path):
