@@ -31,6 +31,7 @@ Every line has `time` (Unix seconds), `event` (a name below) and the event's fie
     log = EventLog(run_dir / "events.jsonl")
     log.emit("progress", stage="sample", done=3, total=40, unit="pairs")
     events, offset = read_events(run_dir / "events.jsonl")
+    for number, event in in_rounds(events): ...   # a metrics event's step counts from 1 in each round
 """
 
 import json
@@ -117,3 +118,14 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     A last line still being written (no newline yet) is left for the next call.
     """
     return read_jsonl(path, offset)
+
+
+def in_rounds(events: list[dict]) -> list[tuple[int, dict]]:
+    """Each event with the round of training.rounds it belongs to: the one the last round_started began (1 before any,
+    and in a run of one round)."""
+    number, found = 1, []
+    for event in events:
+        if event["event"] == "round_started":
+            number = event["round"]
+        found.append((number, event))
+    return found

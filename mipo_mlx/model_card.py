@@ -7,6 +7,10 @@ The card holds the front matter the Hub reads (base_model, library_name, tags, l
 pipeline_tag), how to load each exported format, the training curve (an SVG drawn here
 from events.jsonl plus a table of the same numbers), the before/after table and examples
 from compare/ when the run has them, and the recipe.
+
+A run of several rounds (training.rounds) logs each round's steps from 1: the curve counts
+them on across the rounds, each round a line of its own colour, and the table has a round
+column.
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCardData
 
-from mipo_mlx.events import read_events
+from mipo_mlx.events import in_rounds, read_events
 from mipo_mlx.recipe import Recipe, is_hub_id
 from mipo_mlx.report import format_report, read_outputs
 from mipo_mlx.rundir import COMPARE_DIR, EVENTS_FILE, RECIPE_FILE
@@ -28,6 +32,8 @@ CURVE_METRICS = (("loss", "DPO loss"), ("rewards/margins", "reward margin"), ("r
 TABLE_ROWS = 10
 EXAMPLES = 3
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 300, 150, 36
+ROUND_COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c")  # round 1's first; then again from the top
+LEGEND_HEIGHT = 18
 
 
 @dataclass
@@ -43,10 +49,23 @@ class CardInputs:
 
 
 def metric_rows(events_path: Path, split: str = "train") -> list[dict]:
-    """Metrics events of one split, one per step (a resumed run's repeated steps keep the last)."""
+    """Metrics events of one split with their `round`, one per round and step, in order (a resumed run's repeated
+    steps keep the last)."""
     events, _ = read_events(events_path)
-    by_step = {e["step"]: e for e in events if e["event"] == "metrics" and e.get("split") == split}
-    return [by_step[step] for step in sorted(by_step)]
+    by_step = {(number, e["step"]): {**e, "round": number} for number, e in in_rounds(events)
+               if e["event"] == "metrics" and e.get("split") == split}
+    return [by_step[key] for key in sorted(by_step)]
+
+
+def run_steps(rows: list[dict]) -> list[int]:
+    """Each row's step counted across the rounds: a round's steps go on from the last step of the round before."""
+    last = {}
+    for row in rows:
+        last[row["round"]] = max(last.get(row["round"], 0), row["step"])
+    offsets, done = {}, 0
+    for number in sorted(last):
+        offsets[number], done = done, done + last[number]
+    return [offsets[row["round"]] + row["step"] for row in rows]
 
 
 def _number(value) -> Optional[float]:
@@ -54,26 +73,36 @@ def _number(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def round_colour(number: int) -> str:
+    return ROUND_COLOURS[(number - 1) % len(ROUND_COLOURS)]
+
+
 def training_curve_svg(rows: list[dict]) -> str:
-    """One small line chart per metric, side by side, as a standalone SVG (no plotting library)."""
-    panels = []
+    """One small line chart per metric, side by side, as a standalone SVG (no plotting library); with several rounds,
+    a line per round over the steps of all rounds (run_steps), and a legend."""
+    panels, rounds = [], sorted({row["round"] for row in rows})
     for index, (key, label) in enumerate(CURVE_METRICS):
-        points = [(r["step"], _number(r.get(key))) for r in rows if _number(r.get(key)) is not None]
+        points = [(r["round"], s, _number(r.get(key))) for r, s in zip(rows, run_steps(rows))
+                  if _number(r.get(key)) is not None]
         if not points:
             continue
         x0 = index * PANEL_WIDTH
-        steps, values = [p[0] for p in points], [p[1] for p in points]
+        steps, values = [p[1] for p in points], [p[2] for p in points]
         low, high = min(values), max(values)
         span_x, span_y = max(steps[-1] - steps[0], 1), (high - low) or 1.0
         inner_w, inner_h = PANEL_WIDTH - 2 * MARGIN, PANEL_HEIGHT - 2 * MARGIN
-        line = " ".join(
-            f"{x0 + MARGIN + (s - steps[0]) / span_x * inner_w:.1f},{MARGIN + (high - v) / span_y * inner_h:.1f}"
-            for s, v in points
-        )
+        lines = []
+        for number in rounds:
+            line = " ".join(
+                f"{x0 + MARGIN + (s - steps[0]) / span_x * inner_w:.1f},{MARGIN + (high - v) / span_y * inner_h:.1f}"
+                for r, s, v in points if r == number
+            )
+            if line:
+                lines.append(f'<polyline points="{line}" fill="none" stroke="{round_colour(number)}" stroke-width="1.5"/>')
         panels.append(
             f'<text x="{x0 + PANEL_WIDTH / 2}" y="20" text-anchor="middle" font-weight="bold">{label}</text>'
             f'<rect x="{x0 + MARGIN}" y="{MARGIN}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#bbb"/>'
-            f'<polyline points="{line}" fill="none" stroke="#2563eb" stroke-width="1.5"/>'
+            + "".join(lines) +
             f'<text x="{x0 + MARGIN - 4}" y="{MARGIN + 4}" text-anchor="end">{high:.3g}</text>'
             f'<text x="{x0 + MARGIN - 4}" y="{MARGIN + inner_h}" text-anchor="end">{low:.3g}</text>'
             f'<text x="{x0 + MARGIN}" y="{PANEL_HEIGHT - 12}">step {steps[0]}</text>'
@@ -81,9 +110,14 @@ def training_curve_svg(rows: list[dict]) -> str:
         )
     if not panels:
         return ""
-    width = PANEL_WIDTH * len(CURVE_METRICS)
+    width, height = PANEL_WIDTH * len(CURVE_METRICS), PANEL_HEIGHT
+    if len(rounds) > 1:
+        legend = "   ".join(f'<tspan fill="{round_colour(number)}">━ round {number}</tspan>' for number in rounds)
+        panels.append(f'<text x="{MARGIN}" y="{height + LEGEND_HEIGHT / 2}">{legend}   '
+                      '(steps counted on across the rounds)</text>')
+        height += LEGEND_HEIGHT
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{PANEL_HEIGHT}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
         + "".join(panels)
         + "</svg>\n"
@@ -91,14 +125,17 @@ def training_curve_svg(rows: list[dict]) -> str:
 
 
 def curve_table(rows: list[dict]) -> str:
-    """The training curve as a markdown table: about TABLE_ROWS evenly spaced steps and the last."""
+    """The training curve as a markdown table: about TABLE_ROWS evenly spaced steps and each round's last, with the
+    round when there are several."""
     stride = max(1, len(rows) // TABLE_ROWS)
-    picked = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
-    lines = ["| step | " + " | ".join(label for _, label in CURVE_METRICS) + " |",
-             "| --- |" + " --- |" * len(CURVE_METRICS)]
+    last = {row["round"]: index for index, row in enumerate(rows)}
+    picked = [rows[index] for index in sorted({*range(0, len(rows), stride), *last.values()})]
+    columns = ["round", "step"] if len(last) > 1 else ["step"]
+    lines = ["| " + " | ".join(columns + [label for _, label in CURVE_METRICS]) + " |",
+             "|" + " --- |" * (len(columns) + len(CURVE_METRICS))]
     for row in picked:
         cells = [f"{v:.4g}" if (v := _number(row.get(key))) is not None else "n/a" for key, _ in CURVE_METRICS]
-        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([str(row[name]) for name in columns] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -187,6 +224,11 @@ def card_text(inputs: CardInputs, rows: list[dict], has_curve: bool) -> str:
         "## Training curve",
         "",
     ]
+    rounds = len({row["round"] for row in rows})
+    if rounds > 1:
+        lines += [f"Iterative MIPO, {rounds} rounds: each round after the first trained on pairs sampled by the model "
+                  "the round before made, going on from its adapter with a fresh schedule. Each round's steps count "
+                  "from 1 in the table; the curve counts them on across the rounds.", ""]
     if has_curve:
         lines += [f"![training curve]({CURVE_FILE})", ""]
     if rows:

@@ -20,10 +20,11 @@ from test_kill_and_resume import finished, kill_when, lines, train  # noqa: F401
 from test_sampling import PROFILES
 
 from mipo_mlx import cli
-from mipo_mlx.events import read_events
+from mipo_mlx.events import in_rounds, read_events
+from mipo_mlx.export import export_run
 from mipo_mlx.loading import load_model
 from mipo_mlx.lora import adapter_disabled, use_adapter
-from mipo_mlx.rundir import read_pairs
+from mipo_mlx.rundir import read_pairs, reopen_run
 from mipo_mlx.sampling import round_seed
 from mipo_mlx.scoring import score_pairs
 from mipo_mlx_tui.runstate import RunState
@@ -76,13 +77,7 @@ def files(run_dir: Path) -> dict[str, bytes]:
 def by_round(run_dir: Path) -> dict:
     """{(round, split, step): loss}, the last reported (a resumed run reports again the steps it redoes)."""
     events, _ = read_events(run_dir / "events.jsonl")
-    found, number = {}, 1
-    for event in events:
-        if event["event"] == "round_started":
-            number = event["round"]
-        elif event["event"] == "metrics":
-            found[number, event["split"], event["step"]] = event["loss"]
-    return found
+    return {(number, e["split"], e["step"]): e["loss"] for number, e in in_rounds(events) if e["event"] == "metrics"}
 
 
 def test_one_round_is_laid_out_as_before_and_is_the_first_round_of_two(runs):
@@ -144,6 +139,18 @@ def test_the_tui_says_which_round_is_running(runs):
             shown.append(state.stage_text)
     assert shown == ["sample (round 1/2)", "train (round 1/2)", "sample (round 2/2)", "train (round 2/2)", "compare"]
     assert any(note.startswith("round 2 of 2: held-out loss ") for note in state.notes)
+
+
+def test_the_model_card_draws_and_tabulates_every_rounds_steps(runs, tmp_path):
+    export_run(reopen_run(runs / "two"), tmp_path / "out", ["mlx"])
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8").split("## Training curve")[1]
+    losses = by_round(runs / "two")
+    assert "| round | step | DPO loss |" in card and "Iterative MIPO, 2 rounds" in card
+    for number in (1, 2):  # each round's steps 1 to 8, its last step in the table
+        assert f"| {number} | 8 | {losses[number, 'train', 8]:.4g} |" in card
+    svg = (tmp_path / "out" / "training_curve.svg").read_text(encoding="utf-8")
+    assert svg.count('stroke="#2563eb"') == svg.count('stroke="#dc2626"') == 3  # a line per round in each panel
+    assert "━ round 1" in svg and "━ round 2" in svg and ">16</text>" in svg  # 16 steps across the rounds
 
 
 def test_a_run_killed_in_round_two_resumes_to_the_bytes_of_a_run_never_killed(runs, tmp_path, train):

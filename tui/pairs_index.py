@@ -1,18 +1,20 @@
-"""A light index over a pairs file, so the TUI can list and search big files.
+"""A light index over a run's pairs files, so the TUI can list and search big files.
 
-    reader = PairReader(Path("runs/quickstart/pairs.jsonl"))
+    reader = PairReader(Path("runs/quickstart"))
     rows = reader.read_more(max_rows=500)        # PairRow per complete new line
-    pair = pair_at(reader.path, rows[0].offset)  # the full mipo_mlx.rundir.Pair, read on demand
+    pair = pair_at(pairs_file(reader.run_dir, rows[0].round), rows[0].offset)  # the full mipo_mlx.rundir.Pair
 
 Rows keep only short previews, the numbers shown in the table and a lowercase search
 text; the full pair is read again from its byte offset when it is opened. The pairs are
-read by mipo_mlx.rundir: the sample stage's pairs, or plain TRL preference records.
+read by mipo_mlx.rundir: the sample stage's pairs, or plain TRL preference records. A run
+of several rounds (training.rounds) has a pairs file per round: round 1's is read first,
+each later round's from when its folder is there, and every row says its round.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from mipo_mlx.rundir import Pair, tail_pairs
+from mipo_mlx.rundir import PAIRS_FILE, Pair, round_dir, started_rounds, tail_pairs
 
 PREVIEW_CHARS = 80
 
@@ -33,6 +35,7 @@ class PairRow:
     """One pair as a table row; `offset` is where its line starts in the file."""
 
     index: int
+    round: int  # of training.rounds: whose pairs file holds it
     offset: int
     pair_id: str
     strategy: str
@@ -42,7 +45,12 @@ class PairRow:
     search_text: str
 
 
-def pair_row(index: int, offset: int, pair: Pair) -> PairRow:
+def pairs_file(run_dir: Path, number: int) -> Path:
+    """Round `number`'s pairs file."""
+    return round_dir(run_dir, number) / PAIRS_FILE
+
+
+def pair_row(index: int, number: int, offset: int, pair: Pair) -> PairRow:
     mipo = pair.mipo
     pair_id = mipo.id if mipo and mipo.id is not None else index + 1
     pmi = mipo.pmi if mipo else None
@@ -51,6 +59,7 @@ def pair_row(index: int, offset: int, pair: Pair) -> PairRow:
              str(mipo.id if mipo and mipo.id is not None else "")]
     return PairRow(
         index=index,
+        round=number,
         offset=offset,
         pair_id=str(pair_id),
         strategy=str(mipo.strategy or "") if mipo else "",
@@ -62,23 +71,27 @@ def pair_row(index: int, offset: int, pair: Pair) -> PairRow:
 
 
 class PairReader:
-    """Reads a pairs file from where it stopped; a line still being written waits."""
+    """Reads a run's pairs files, each from where it stopped; a line still being written waits."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.offset = 0
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.offsets: dict[int, int] = {}  # round -> bytes of its pairs file read
         self.count = 0
         self.unreadable = 0
 
     def read_more(self, max_rows: int) -> list[PairRow]:
-        found, self.offset = tail_pairs(self.path, self.offset, limit=max_rows)
         rows = []
-        for offset, pair in found:
-            if pair is None:
-                self.unreadable += 1
-                continue
-            rows.append(pair_row(self.count, offset, pair))
-            self.count += 1
+        for number in started_rounds(self.run_dir):
+            if len(rows) >= max_rows:
+                break
+            found, self.offsets[number] = tail_pairs(pairs_file(self.run_dir, number), self.offsets.get(number, 0),
+                                                     limit=max_rows - len(rows))
+            for offset, pair in found:
+                if pair is None:
+                    self.unreadable += 1
+                    continue
+                rows.append(pair_row(self.count, number, offset, pair))
+                self.count += 1
         return rows
 
 

@@ -3,6 +3,8 @@
 Rows arrive in batches from RunScreen's tail worker (PairsRead), so a big file fills
 in while the view stays usable; a search runs in a thread worker over the row index,
 and a pair's full text is read from its byte offset only when the cursor is on it.
+A run of several rounds (training.rounds) lists every round's pairs: the table gains a
+round column once a round after the first has pairs, and the open pair says its round.
 """
 
 from pathlib import Path
@@ -16,7 +18,7 @@ from textual.worker import get_current_worker
 
 from mipo_mlx.rundir import PAIRS_FILE, Pair, pair_at
 from mipo_mlx_tui.messages import PairsFiltered
-from mipo_mlx_tui.pairs_index import PairRow, matching
+from mipo_mlx_tui.pairs_index import PairRow, matching, pairs_file
 from mipo_mlx_tui.widgets import ListTable, format_number
 
 # More rows than this in the table only slow it down; a search narrows them.
@@ -56,9 +58,10 @@ def negative_markup(pair: Pair) -> str:
 class PairsView(Vertical):
     """Search box, pairs table and the open pair: prompt, chosen, rejected, negative."""
 
-    def __init__(self, pairs_path: Path, **kwargs):
+    def __init__(self, run_dir: Path, **kwargs):
         super().__init__(**kwargs)
-        self.pairs_path = pairs_path
+        self.run_dir = run_dir
+        self.rounds: set[int] = set()  # the rounds whose pairs have arrived
         self.rows: list[PairRow] = []
         self.shown: list[PairRow] = []
         self.query_text = ""
@@ -77,14 +80,23 @@ class PairsView(Vertical):
                     yield Static("", id=f"pair-{part}")
 
     def on_mount(self) -> None:
+        self._add_columns()
+        self._update_status()
+
+    @property
+    def several_rounds(self) -> bool:
+        return len(self.rounds) > 1
+
+    def _add_columns(self) -> None:
         table = self.query_one(ListTable)
         table.add_column("#", key="index")
+        if self.several_rounds:
+            table.add_column("round", key="round")
         table.add_column("id", key="id")
         table.add_column("strategy", key="strategy")
         table.add_column("PMI", key="pmi")
         table.add_column("prompt", key="prompt")
         table.add_column("chosen", key="chosen")
-        self._update_status()
 
     def focus_list(self) -> None:
         self.query_one("#pairs-table").focus()
@@ -93,11 +105,25 @@ class PairsView(Vertical):
         self.query_one("#pair-search").focus()
 
     def add_rows(self, rows: list[PairRow], unreadable: int) -> None:
-        """New rows from the end of the file; shown at once when they match the search."""
+        """New rows from the end of the files; shown at once when they match the search."""
+        several = self.several_rounds
         self.rows.extend(rows)
+        self.rounds.update(row.round for row in rows)
         self.unreadable = unreadable
+        if self.several_rounds and not several:
+            self._add_round_column()
         self._show(matching(rows, self.query_text) if self.query_text else rows)
         self._update_status()
+
+    def _add_round_column(self) -> None:
+        """The table again with a round column (a DataTable adds columns only at its end), the cursor kept."""
+        table = self.query_one(ListTable)
+        cursor, shown = table.cursor_row, self.shown
+        table.clear(columns=True)
+        self._add_columns()
+        self.shown = []
+        self._show(shown)
+        table.move_cursor(row=cursor)
 
     def _show(self, rows: list[PairRow]) -> None:
         room = MAX_SHOWN_ROWS - len(self.shown)
@@ -108,7 +134,9 @@ class PairsView(Vertical):
         table = self.query_one(ListTable)
         for row in rows:
             pmi = "–" if row.pmi is None else f"{row.pmi:+.3f}"
-            table.add_row(str(row.index + 1), row.pair_id, row.strategy, pmi, row.prompt, row.chosen, key=str(row.index))
+            round_cell = [str(row.round)] if self.several_rounds else []
+            table.add_row(str(row.index + 1), *round_cell, row.pair_id, row.strategy, pmi, row.prompt, row.chosen,
+                          key=str(row.index))
         if rows and table.row_count == len(rows):
             self._open(rows[0])
 
@@ -119,7 +147,7 @@ class PairsView(Vertical):
         elif self.query_text:
             text = f"{len(self.shown)} of {total} pairs match [b]{escape(self.query_text)}[/b]"
         else:
-            text = f"{total} pairs"
+            text = f"{total} pairs" + (f" in {len(self.rounds)} rounds" if self.several_rounds else "")
         if len(self.shown) >= MAX_SHOWN_ROWS:
             text += f"  [dim](first {MAX_SHOWN_ROWS} shown; search to narrow)[/dim]"
         if self.unreadable:
@@ -156,8 +184,9 @@ class PairsView(Vertical):
             self._open(self.rows[int(event.row_key.value)])
 
     def _open(self, row: PairRow) -> None:
-        pair = pair_at(self.pairs_path, row.offset)
-        self.query_one("#pair-header", Static).update(pair_header(pair))
+        pair = pair_at(pairs_file(self.run_dir, row.round), row.offset)
+        shown_round = f"[b]round {row.round}[/b]  " if self.several_rounds else ""
+        self.query_one("#pair-header", Static).update(shown_round + pair_header(pair))
         self.query_one("#pair-prompt", Static).update(messages_markup(pair.prompt_messages()))
         self.query_one("#pair-chosen", Static).update(escape(pair.chosen_text))
         self.query_one("#pair-rejected", Static).update(escape(pair.rejected_text))

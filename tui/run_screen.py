@@ -19,7 +19,7 @@ from textual.worker import get_current_worker
 
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import read_jsonl
-from mipo_mlx.rundir import ANSWERS_FILE, COMPARE_DIR, PAIRS_FILE, RECIPE_FILE
+from mipo_mlx.rundir import ANSWERS_FILE, COMPARE_DIR, RECIPE_FILE
 from mipo_mlx_tui.compare_view import CompareView
 from mipo_mlx_tui.dialogs import ConfirmScreen
 from mipo_mlx_tui.launcher import last_console_line, start_training, stop_run
@@ -59,7 +59,7 @@ class RunScreen(Screen):
             with TabPane("1 Monitor", id="monitor"):
                 yield MonitorView(id="monitor-view")
             with TabPane("2 Pairs", id="pairs"):
-                yield PairsView(self.run_dir / PAIRS_FILE, id="pairs-view")
+                yield PairsView(self.run_dir, id="pairs-view")
             with TabPane("3 Compare", id="compare"):
                 yield CompareView(self.run_dir, id="compare-view")
         yield Footer()
@@ -97,7 +97,7 @@ class RunScreen(Screen):
     def tail_run(self) -> None:
         worker = get_current_worker()
         tail = RunTail(self.run_dir)
-        pairs = PairReader(self.run_dir / PAIRS_FILE)
+        pairs = PairReader(self.run_dir)
         answers_seen = None
         reported_launch = None
         events_readable = True

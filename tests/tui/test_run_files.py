@@ -46,7 +46,7 @@ def test_pair_reader_reads_in_batches_waits_for_whole_lines_and_skips_bad_ones(t
     lines = recorded_lines("pairs.jsonl")
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(lines[:5]) + "{not json\n" + lines[5][:30], encoding="utf-8")
-    reader = PairReader(path)
+    reader = PairReader(tmp_path)
     first = reader.read_more(3)
     assert [row.pair_id for row in first] == ["p1-q1#0", "p1-q2#0", "p2-q1#0"]
     assert len(reader.read_more(100)) == 2 and reader.unreadable == 1
@@ -60,7 +60,7 @@ def test_pair_reader_reads_in_batches_waits_for_whole_lines_and_skips_bad_ones(t
 def test_plain_trl_pairs_are_listed_and_searchable(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "Name a colour", "chosen": "Teal", "rejected": "Seven"}) + "\n", encoding="utf-8")
-    [row] = PairReader(path).read_more(10)
+    [row] = PairReader(tmp_path).read_more(10)
     assert (row.pair_id, row.pmi, row.prompt, row.chosen) == ("1", None, "Name a colour", "Teal")
     assert matching([row], "SEVEN colour") == [row] and matching([row], "blue") == []
 

@@ -3,6 +3,8 @@
     .venv/bin/python -m pytest tests/tui/test_views.py -q
 """
 
+import json
+
 from textual.widgets import DataTable, Input, Log, Static, TabbedContent
 
 from mipo_mlx_tui.app import MipoApp
@@ -12,7 +14,7 @@ from mipo_mlx_tui.pairs_view import MAX_SHOWN_ROWS, PairsView
 from mipo_mlx_tui.run_screen import RunScreen
 from mipo_mlx_tui.runs_screen import RunsScreen
 from mipo_mlx_tui.widgets import ListTable, MetricChart
-from tui_helpers import FIXTURES, RECORDED_RUN, wait_for
+from tui_helpers import FIXTURES, RECORDED_RUN, recorded_lines, wait_for
 
 
 def text_of(app, selector: str) -> str:
@@ -81,6 +83,36 @@ async def test_pairs_view_opens_pairs_moves_with_vim_keys_and_searches():
         assert "2 of 12 pairs match" in text_of(app, "#pairs-status")
         await pilot.press("escape")
         assert app.focused is table and isinstance(app.screen, RunScreen)
+
+
+async def test_pairs_view_lists_every_rounds_pairs_with_their_round(tmp_path):
+    run_dir = tmp_path / "rounds"
+    run_dir.mkdir()
+    (run_dir / "pairs.jsonl").write_bytes((RECORDED_RUN / "pairs.jsonl").read_bytes())
+    second = [json.loads(line) for line in recorded_lines("pairs.jsonl")]
+    for pair in second:
+        pair["chosen"][-1]["content"] = "Round two says: " + pair["chosen"][-1]["content"]
+    app = MipoApp(tmp_path, run_dir=run_dir, poll_seconds=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("2")
+        view = app.screen.query_one(PairsView)
+        table = view.query_one("#pairs-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 12)
+        assert [column.label.plain for column in table.ordered_columns][:2] == ["#", "id"]
+        # Round 2 starts while the view is open: its pairs join the list, and a round column the table.
+        (run_dir / "rounds" / "2").mkdir(parents=True)
+        (run_dir / "rounds" / "2" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in second))
+        await wait_for(pilot, lambda: table.row_count == 24)
+        assert [column.label.plain for column in table.ordered_columns][:3] == ["#", "round", "id"]
+        assert [str(cell) for cell in table.get_row_at(12)][:3] == ["13", "2", "p1-q1#0"]
+        assert "24 pairs in 2 rounds" in text_of(app, "#pairs-status")
+        await pilot.press("G")
+        assert text_of(app, "#pair-chosen").startswith("Round two says: ") and "round 2" in text_of(app, "#pair-header")
+        await pilot.press("g")
+        assert "chickpea" in text_of(app, "#pair-chosen") and "round 1" in text_of(app, "#pair-header")
+        await pilot.press("slash", *"hoy hablamos")
+        await wait_for(pilot, lambda: table.row_count == 2)
+        assert [str(table.get_row_at(n)[1]) for n in range(2)] == ["1", "2"]
 
 
 async def test_compare_view_shows_both_answers_with_checks():
