@@ -32,7 +32,7 @@ CURVE_METRICS = (("loss", "DPO loss"), ("rewards/margins", "reward margin"), ("r
 TABLE_ROWS = 10
 EXAMPLES = 3
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 300, 150, 36
-ROUND_COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c")  # round 1's first; then again from the top
+ROUND_COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c")  # rounds 1 to 5; round 6 is as round 1
 LEGEND_HEIGHT = 18
 
 
@@ -98,7 +98,8 @@ def training_curve_svg(rows: list[dict]) -> str:
                 for r, s, v in points if r == number
             )
             if line:
-                lines.append(f'<polyline points="{line}" fill="none" stroke="{round_colour(number)}" stroke-width="1.5"/>')
+                colour = round_colour(number)
+                lines.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         panels.append(
             f'<text x="{x0 + PANEL_WIDTH / 2}" y="20" text-anchor="middle" font-weight="bold">{label}</text>'
             f'<rect x="{x0 + MARGIN}" y="{MARGIN}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#bbb"/>'
