@@ -258,6 +258,15 @@ def read_prompts(spec: str, layout: str = "auto", on_bad_line: str = "error", ke
     return records
 
 
+def round_prompts(records: list[PromptRecord], number: int, rounds: int, mode: str) -> list[PromptRecord]:
+    """The prompts round `number` of `rounds` samples pairs for (sampling.round_prompts): all, or its part of the split.
+
+    The parts interleave (every `rounds`-th prompt) so that each round gets prompts from the
+    whole file, whose records are often grouped by user or topic.
+    """
+    return records[number - 1 :: rounds] if mode == "split" else records
+
+
 def check_negatives(records: list[PromptRecord], strategy: str) -> None:
     """Whether `records` can give the negatives of `strategy` (sampling.negative); a UserError says why not.
 

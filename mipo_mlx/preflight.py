@@ -16,8 +16,9 @@ Each mistake is one UserError naming the file, key or flag and the fix. It check
   continues from is Checked.resume;
 - every data file of the recipe (data.train and data.test), read to its last line with
   the reader the stages use, and whether its prompts can give the recipe's negatives
-  (data.check_negatives): a bad held-out line or prompts without the context the
-  negative needs is found now, not after the sampling stage;
+  (data.check_negatives), in every round's part with sampling.round_prompts: split: a bad
+  held-out line or prompts without the context the negative needs is found now, not after
+  the sampling stage;
 - the model's files, without loading its weights. An mlx-lm model directory or a Hub id
   (its snapshot in the local cache, downloaded first if it is not there): config.json,
   every model*.safetensors header against its file (dtype, shape and byte range of every
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mipo_mlx.data import check_negatives, read_prompt_file
+from mipo_mlx.data import check_negatives, read_prompt_file, round_prompts
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
 from mipo_mlx.files import safetensors_header
 from mipo_mlx.gguf_file import read_gguf_header
@@ -97,9 +98,27 @@ def preflight(recipe, *, resume: bool | None, stages: list[str], run_folder: boo
         check_model(judge, key="eval.judge_model")
     check_lora_keys(model, recipe.lora)
     if "sample" in stages:
-        check_negatives(train[: data.max_prompts] if data.max_prompts else train, recipe.sampling.negative)
+        check_round_prompts(train[: data.max_prompts] if data.max_prompts else train, recipe)
     return Checked(len(train), len(test) if test else None, model.config,
                    time.perf_counter() - started, resumed)
+
+
+def check_round_prompts(train: list, recipe) -> None:
+    """Whether every round's prompts (all of them, or its part of sampling.round_prompts: split) give its negatives."""
+    rounds, mode, negative = recipe.training.rounds, recipe.sampling.round_prompts, recipe.sampling.negative
+    check_negatives(train, negative)
+    if mode != "split" or rounds == 1:
+        return
+    for number in range(1, rounds + 1):
+        part = round_prompts(train, number, rounds, mode)
+        try:
+            if not part:
+                raise UserError("it has none")
+            check_negatives(part, negative)
+        except UserError as error:
+            raise UserError(f"split gives round {number} of {rounds} {len(part)} of the {len(train)} training prompts, "
+                            f"and {error.message}; set fewer training.rounds or sampling.round_prompts: all",
+                            key="sampling.round_prompts") from None
 
 
 def check_output_folder(path: str | Path, key: str) -> None:

@@ -117,6 +117,11 @@ class SamplingConfig:
         1, "Negatives (and so pairs) per prompt (the paper uses 1; at most 64, each one samples the whole set again).",
         min=1, max=64,
     )
+    round_prompts: Literal["all", "split"] = _field(
+        "all",
+        "Prompts each round of training.rounds samples pairs for: 'all' of them in every round, or 'split': round r "
+        "of R every R-th prompt from the r-th on (each prompt in one round: R rounds sample and train as much as one).",
+    )
     temperature: float = _field(0.1, "Sampling temperature (0 is greedy).", min=0.0)
     top_p: float = _field(0.9, "Nucleus sampling mass.", greater_than=0.0, max=1.0)
     max_tokens: int = _field(
@@ -222,7 +227,7 @@ class TrainingConfig:
     rounds: int = _field(
         1, "Rounds of iterative MIPO: each round after the first samples new pairs from the model the round before "
         "made (the base with its adapter), which is then the reference, and trains that adapter on (at most 100: "
-        "each round samples every prompt again).",
+        "each round samples every prompt again, or its part of them with sampling.round_prompts: split).",
         min=1, max=100)
 
     def __post_init__(self):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
-from mipo_mlx.data import PromptRecord, check_negatives, read_prompts
+from mipo_mlx.data import PromptRecord, check_negatives, read_prompts, round_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.lora import use_adapter
 from mipo_mlx.metrics import repetition_loop, self_bleu
@@ -209,6 +209,7 @@ def run_stage(run, load_model) -> dict:
     recipe, sampling = run.recipe, run.recipe.sampling
     seed = round_seed(recipe.seed, run.round)
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
+    records = round_prompts(records, run.round, recipe.training.rounds, sampling.round_prompts)
     plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed)
     pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
     written = {pair.mipo.id: pair for pair in distributed.pairs_from_main(lambda: pairs_file.written.values())}

@@ -192,3 +192,31 @@ def test_rounds_that_are_not_a_whole_number_from_1_are_one_line_and_exit_2(tmp_p
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"mipo-mlx: error: {recipe}: training.rounds: {problem}"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_split_rounds_sample_and_train_on_every_prompt_once(tmp_path, tiny_model_dirs):
+    recipe = write_recipe(tmp_path, tiny_model_dirs[("llama", False)], tmp_path / "runs")
+    assert cli.main(["train", str(recipe), "--set", "run_name=split", "--set", "training.rounds=2",
+                     "--set", "sampling.round_prompts=split"]) == 0
+    run = tmp_path / "runs" / "split"
+    first, second = read_pairs(run / "pairs.jsonl"), read_pairs(run / "rounds" / "2" / "pairs.jsonl")
+    ids = [f"r{i}" for i in range(len(PROFILES) * 4)]
+    assert [p.mipo.prompt_id for p in first] == ids[0::2] and [p.mipo.prompt_id for p in second] == ids[1::2]
+    # Each round trains on its half's pairs (and holds out some of them), not on all of them.
+    events, _ = read_events(run / "events.jsonl")
+    trained = [e["train_pairs"] + e["eval_pairs"] for e in events if e["event"] == "stage_finished"
+               and e["stage"] == "train"]
+    assert trained == [len(ids) // 2] * 2
+
+
+def test_a_split_that_leaves_a_round_too_few_prompts_is_one_line_and_exit_2(tmp_path, tiny_model_dirs):
+    recipe = write_recipe(tmp_path, tiny_model_dirs[("llama", False)], tmp_path / "runs")
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.cli", "train", str(recipe), "--set", "training.rounds=13",
+                           "--set", "sampling.round_prompts=split", "--set", "sampling.negative=random_prompt"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "mipo-mlx: error: sampling.round_prompts: split gives round 12 of 13 1 of the 24 training prompts, "
+        "and the random_prompt negative needs at least 2 prompts; set fewer training.rounds or "
+        "sampling.round_prompts: all"]
+    assert not (tmp_path / "runs").exists()
