@@ -37,6 +37,13 @@ def rekeyed(error: UserError, key: str) -> UserError:
     return UserError(error.message, key=key)
 
 
+def in_recipe(error: UserError, recipe: str | Path) -> UserError:
+    """The same mistake, naming the recipe file when it names one of its keys and no file of its own."""
+    if type(error) is not UserError or error.file or not error.key or error.key.startswith("-"):
+        return error
+    return UserError(error.message, file=os.fspath(recipe), key=error.key)
+
+
 def not_utf8(name: str, data: bytes, error: UnicodeDecodeError, *, line: int = 1, offset: int = 0,
              key: str | None = None) -> UserError:
     """The error for `data` (from line `line` and byte `offset` of file `name` on) that is not UTF-8 at error.start."""

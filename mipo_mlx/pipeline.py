@@ -32,6 +32,7 @@ import time
 
 from mipo_mlx import distributed
 from mipo_mlx.console import ConsoleObserver, round_line
+from mipo_mlx.errors import UserError, in_recipe
 from mipo_mlx.events import EventLog, read_events
 from mipo_mlx.preflight import preflight
 from mipo_mlx.recipe import load_recipe
@@ -180,8 +181,11 @@ def run(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         stages = ["sample"] if args.command == "sample" else list(STAGES)
         # The run folder is rank 0's alone: other ranks may be other machines, without it.
-        checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False), stages=stages,
-                            run_folder=distributed.is_main())
+        try:
+            checked = preflight(recipe, resume=args.resume or (None if args.command == "sample" else False),
+                                stages=stages, run_folder=distributed.is_main())
+        except UserError as error:
+            raise in_recipe(error, args.recipe) from None
         load_model = model_loader(recipe)
         load_model()  # before the run directory is made: a model that does not load leaves nothing behind
         return recipe, stages, checked, load_model

@@ -216,7 +216,7 @@ def test_a_split_that_leaves_a_round_too_few_prompts_is_one_line_and_exit_2(tmp_
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
-        "mipo-mlx: error: sampling.round_prompts: split gives round 12 of 13 1 of the 24 training prompts, "
+        f"mipo-mlx: error: {recipe}: sampling.round_prompts: split gives round 12 of 13 1 of the 24 training prompts, "
         "and the random_prompt negative needs at least 2 prompts; set fewer training.rounds or "
         "sampling.round_prompts: all"]
     assert not (tmp_path / "runs").exists()
