@@ -188,7 +188,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def recipe_changes(saved_path: Path, recipe: Recipe) -> dict:
     """{key: (before, after)} for the RESUMABLE_CHANGES `recipe` makes to the saved recipe; any other change is refused."""
-    saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    # A key missing from the saved recipe is newer than the mipo-mlx that started the run, which ran as its default.
+    saved = {**_flatten(recipe_to_dict(Recipe())),
+             **_flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})}
     changes = {}
     for key, value in _flatten(recipe_to_dict(recipe)).items():
         if saved.get(key) == value:

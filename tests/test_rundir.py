@@ -294,3 +294,17 @@ def test_what_is_renamed_into_place_is_on_disk_before_the_rename(tmp_path, monke
     replace_file(tmp_path / "recipe.yaml", "seed: 0\n")
     assert calls == [("fsync", inode(tmp_path / "recipe.yaml")), ("replace", str(tmp_path / "recipe.yaml")),
                      ("fsync", inode(tmp_path))]
+
+
+def test_a_run_started_before_a_key_existed_resumes_with_its_default_and_not_with_another_value(tmp_path):
+    text = f"output_dir: {tmp_path}\nrun_name: r\n"
+    open_run(parse_recipe(text, "r.yaml"), resume=False).events.close()
+    saved = tmp_path / "r" / "recipe.yaml"
+    older = "".join(line for line in saved.read_text().splitlines(keepends=True) if "round_prompts" not in line)
+    assert older != saved.read_text()
+    saved.write_text(older)
+    resumed = open_run(parse_recipe(text, "r.yaml"), resume=True)
+    resumed.events.close()
+    assert resumed.changed == {}
+    with pytest.raises(UserError, match="sampling.round_prompts is 'split' but the run was started with 'all'"):
+        open_run(parse_recipe(text, "r.yaml", ["sampling.round_prompts=split"]), resume=True)
