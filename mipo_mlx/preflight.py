@@ -109,16 +109,17 @@ def check_round_prompts(train: list, recipe) -> None:
     check_negatives(train, negative)
     if mode != "split" or rounds == 1:
         return
+    fix = "set fewer training.rounds or sampling.round_prompts: all"
+    if len(train) < rounds:
+        raise UserError(f"split gives each of {rounds} rounds its part of {len(train)} training prompts, and round "
+                        f"{rounds} none; {fix}", key="sampling.round_prompts")
     for number in range(1, rounds + 1):
         part = round_prompts(train, number, rounds, mode)
         try:
-            if not part:
-                raise UserError("it has none")
             check_negatives(part, negative)
         except UserError as error:
             raise UserError(f"split gives round {number} of {rounds} {len(part)} of the {len(train)} training prompts, "
-                            f"and {error.message}; set fewer training.rounds or sampling.round_prompts: all",
-                            key="sampling.round_prompts") from None
+                            f"and {error.message}; {fix}", key="sampling.round_prompts") from None
 
 
 def check_output_folder(path: str | Path, key: str) -> None:

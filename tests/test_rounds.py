@@ -209,14 +209,20 @@ def test_split_rounds_sample_and_train_on_every_prompt_once(tmp_path, tiny_model
     assert trained == [len(ids) // 2] * 2
 
 
-def test_a_split_that_leaves_a_round_too_few_prompts_is_one_line_and_exit_2(tmp_path, tiny_model_dirs):
+@pytest.mark.parametrize("rounds, negative, problem", [
+    (13, "random_prompt", "round 12 of 13 1 of the 24 training prompts, and the random_prompt negative needs at "
+                          "least 2 prompts"),
+    (30, "drop_context", "each of 30 rounds its part of 24 training prompts, and round 30 none"),
+])
+def test_a_split_that_leaves_a_round_too_few_prompts_is_one_line_and_exit_2(tmp_path, tiny_model_dirs, rounds,
+                                                                           negative, problem):
     recipe = write_recipe(tmp_path, tiny_model_dirs[("llama", False)], tmp_path / "runs")
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.cli", "train", str(recipe), "--set", "training.rounds=13",
-                           "--set", "sampling.round_prompts=split", "--set", "sampling.negative=random_prompt"],
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.cli", "train", str(recipe),
+                           "--set", f"training.rounds={rounds}", "--set", "sampling.round_prompts=split",
+                           "--set", f"sampling.negative={negative}"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
-        f"mipo-mlx: error: {recipe}: sampling.round_prompts: split gives round 12 of 13 1 of the 24 training prompts, "
-        "and the random_prompt negative needs at least 2 prompts; set fewer training.rounds or "
+        f"mipo-mlx: error: {recipe}: sampling.round_prompts: split gives {problem}; set fewer training.rounds or "
         "sampling.round_prompts: all"]
     assert not (tmp_path / "runs").exists()
