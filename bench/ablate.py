@@ -17,8 +17,9 @@ The table (printed, and written to OUT/table.md with the numbers in OUT/results.
 per yardstick and variant, the metric before and after and the change, the mean over
 seeds with a 95% bootstrap interval and a paired permutation p over prompts (each
 prompt's change averaged over the seeds), the spread of the per-seed changes, the
-change against the first variant (same pairing), answers in a repetition loop before and
-after (over all seeds), the held-out PMI change, and minutes per run.
+change against the first variant (same pairing), answers in a repetition loop and answers
+that copy their context (compare's context_echo) before and after (over all seeds), the
+held-out PMI change, and minutes per run.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mipo_mlx.metrics import bootstrap_interval, paired_permutation_p  # noqa: E402
+from mipo_mlx.metrics import ECHO_WORDS, bootstrap_interval, echoed_words, paired_permutation_p  # noqa: E402
 from mipo_mlx.recipe import load_recipe, recipe_to_dict  # noqa: E402
 from mipo_mlx.report import read_outputs  # noqa: E402
 from mipo_mlx.rundir import COMPARE_DIR, METRICS_FILE, PAIRS_FILE, RECIPE_FILE  # noqa: E402
@@ -112,6 +113,12 @@ def row_value(row: dict, metric: str, side: str) -> float:
     return float(np.mean(list(row["checks"][side].values())))
 
 
+def echoes(row: dict, side: str) -> bool | None:
+    """Whether the side's answer copies the prompt's context (compare's context_echo); None without a context."""
+    context = "\n".join(m["content"] for m in row["prompt"] if m["role"] == "system")
+    return echoed_words(row[side], context) >= ECHO_WORDS if context else None
+
+
 def read_run(run_dir: Path, metric: str) -> dict:
     metrics, rows = read_outputs(run_dir / COMPARE_DIR)
     rows = [r for r in rows if (metric.startswith("accuracy/") and "correct" in r) or
@@ -122,6 +129,8 @@ def read_run(run_dir: Path, metric: str) -> dict:
         "before": np.array([row_value(r, metric, "base") for r in rows]),
         "after": np.array([row_value(r, metric, "adapted") for r in rows]),
         "loops": (sum(r["loop"]["base"] for r in rows), sum(r["loop"]["adapted"] for r in rows), len(rows)),
+        # Counted here rather than read from the rows: runs compared before context_echo existed have none.
+        "echoes": [(echoes(r, "base"), echoes(r, "adapted")) for r in rows if echoes(r, "base") is not None],
         "pmi": (pmi.get("after") or 0.0) - (pmi.get("before") or 0.0) if pmi else None,
     }
 
@@ -138,6 +147,8 @@ def summarize_point(runs: list[dict], baseline: list[dict] | None) -> dict:
         "p": paired_permutation_p(before, after, SAMPLES, 0), "per_seed_change": per_seed,
         "loops_before": sum(r["loops"][0] for r in runs), "loops_after": sum(r["loops"][1] for r in runs),
         "answers": sum(r["loops"][2] for r in runs),
+        "echoes_before": sum(b for r in runs for b, _ in r["echoes"]),
+        "echoes_after": sum(a for r in runs for _, a in r["echoes"]), "with_context": sum(len(r["echoes"]) for r in runs),
         "pmi_change": float(np.mean([r["pmi"] for r in runs])) if all(r["pmi"] is not None for r in runs) else None,
     }
     if baseline is not None:
@@ -154,18 +165,19 @@ def pct(value: float) -> str:
 
 def format_table(results: list[dict]) -> str:
     lines = ["| yardstick | variant | seeds x n | before | after | change [95% CI] | p | per-seed changes "
-             "| vs first [95% CI] | p | loops before -> after | PMI change | min/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| vs first [95% CI] | p | loops before -> after | echoes before -> after | PMI change | min/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r["summary"]
         vs = (f"{pct(s['vs_first'])} [{pct(s['vs_first_ci'][0])}, {pct(s['vs_first_ci'][1])}] | {s['vs_first_p']:.3f}"
               if "vs_first" in s else "| ")
         pmi = f"{s['pmi_change']:+.2f}" if s["pmi_change"] is not None else "n/a"
+        echo = f"{s['echoes_before']} -> {s['echoes_after']} of {s['with_context']}" if s["with_context"] else "n/a"
         lines.append(
             f"| {r['yardstick']} | {r['variant']} | {s['seeds']} x {s['n']} | {100 * s['before']:.1f} | "
             f"{100 * s['after']:.1f} | {pct(s['change'])} [{pct(s['change_ci'][0])}, {pct(s['change_ci'][1])}] | "
             f"{s['p']:.3f} | {', '.join(pct(c) for c in s['per_seed_change'])} | {vs} | "
-            f"{s['loops_before']} -> {s['loops_after']} of {s['answers']} | {pmi} | {r['minutes']:.1f} |")
+            f"{s['loops_before']} -> {s['loops_after']} of {s['answers']} | {echo} | {pmi} | {r['minutes']:.1f} |")
     return "\n".join(lines)
 
 

@@ -22,8 +22,10 @@ measure, such as Self-BLEU of one answer, is null in metrics.json and n/a in the
   as the paper evaluates personalization (mipo_mlx/judge.py);
 - answer length in tokens (DPO tends to lengthen answers), the share of answers that fell
   into a repetition loop (metrics.repetition_loop: an adapted model can loop in the right
-  language and still pass the language check) and Self-BLEU of the answers (lower is more
-  diverse).
+  language and still pass the language check), the share of answers with a context that
+  copy it (context_echo: 5 or more consecutive words of it, metrics.echoed_words; copying
+  the context is what MIPO's pairs reward most cheaply, and it passes a "mention" check) and
+  Self-BLEU of the answers (lower is more diverse).
 
 `mipo-mlx eval` (mipo_mlx/evaluate.py) runs the same answer_and_score() and report_header()
 on any model, with or without an adapter; with one side only, each metric is its mean with
@@ -44,7 +46,7 @@ from mipo_mlx.errors import UserError
 from mipo_mlx.generation import Answer, SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, use_adapter
-from mipo_mlx.metrics import per_side, repetition_loop, self_bleu, summarize, whole_set
+from mipo_mlx.metrics import ECHO_WORDS, echoed_words, per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.report import report_summary, write_outputs
 from mipo_mlx.rundir import COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
@@ -90,6 +92,8 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
         row = {"id": record.id, "prompt": record.messages(), **texts, "reference": record.extras.get("reference"),
                "checks": checks, "tokens": {side: len(answers[side][i].token_ids) for side in sides},
                "loop": {side: repetition_loop(texts[side]) for side in sides}}
+        if record.context:
+            row["echo"] = {side: echoed_words(texts[side], record.context) >= ECHO_WORDS for side in sides}
         if task_of(record):
             row["task"], row["gold"] = task_of(record), str(record.extras["gold"])
             row["correct"] = {side: is_correct(record, texts[side]) for side in sides}
@@ -97,6 +101,9 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
     column = lambda subset, get: {side: [get(r, side) for r in subset] for side in sides}
     metrics = {"answer_tokens": per_side(column(rows, lambda r, side: r["tokens"][side]), samples, seed),
                "repetition_loop": per_side(column(rows, lambda r, side: r["loop"][side]), samples, seed)}
+    with_context = [r for r in rows if "echo" in r]
+    if with_context:
+        metrics["context_echo"] = per_side(column(with_context, lambda r, side: r["echo"][side]), samples, seed)
     for task in sorted({r["task"] for r in rows if "task" in r}):
         graded = [r for r in rows if r.get("task") == task]
         metrics[f"accuracy/{task}"] = per_side(column(graded, lambda r, side: r["correct"][side]), samples, seed)

@@ -8,6 +8,7 @@
     win_rate([1, 0, -1, 1], 1000, 0)      # wins, ties and losses; ties count as wins (the paper's way)
     self_bleu(answers)                    # similarity of the answers to each other (lower: more diverse)
     repetition_loop(answer)               # True when the answer fell into a repetition loop
+    echoed_words(answer, context)         # the longest run of the context's words the answer repeats
     json_ready(metrics)                   # undefined values (NaN) as None, for metrics.json
 
 A statistic of no values (the mean of an empty sample, its interval, the p-value of no
@@ -140,6 +141,13 @@ def self_bleu(texts: list[str], max_n: int = 4) -> float:
     return float(np.mean(scores))
 
 
+# An answer that repeats this many consecutive words of its context copies it (compare's
+# context_echo): a name, a city or a required phrase ("Take care", "Hi Dmitri") is shorter; the
+# bundled preferences need at most 3 words, and "a carpenter living in Osaka" is 5.
+ECHO_WORDS = 5
+WORD = re.compile(r"\w+")
+
+
 def _periodic_tail(tokens: list[str], period: int) -> int:
     """Length of the longest suffix of `tokens` that repeats with this period."""
     run = 0
@@ -165,3 +173,21 @@ def repetition_loop(text: str) -> bool:
                 return True
     grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
     return len(grams) >= 16 and 1 - len(set(grams)) / len(grams) >= LOOP_REPEATED_4GRAMS
+
+
+def echoed_words(text: str, context: str) -> int:
+    """The longest run of consecutive words of `context` that `text` repeats, case-insensitive.
+
+    MIPO's swap_context and drop_context pairs reward answers that only the context explains,
+    and copying the context is the cheapest such answer: a small model learns to echo it.
+    """
+    answer, source = WORD.findall(text.lower()), WORD.findall(context.lower())
+    longest, previous = 0, [0] * (len(source) + 1)
+    for word in answer:  # longest common run of words: previous[j] ends at source[j - 1]
+        current = [0] * (len(source) + 1)
+        for j, other in enumerate(source, 1):
+            if word == other:
+                current[j] = previous[j - 1] + 1
+                longest = max(longest, current[j])
+        previous = current
+    return longest

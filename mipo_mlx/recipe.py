@@ -138,6 +138,10 @@ class SamplingConfig:
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")
     drop_looping: bool = _field(
         False, "Drop pairs whose chosen answer is in a repetition loop (metrics.repetition_loop, as compare counts).")
+    drop_echo: Optional[int] = _field(
+        None, "Drop pairs whose chosen answer repeats this many consecutive words of its prompt's context or more "
+        "(metrics.echoed_words; compare's context_echo counts 5; at most 131072, the longest context of the supported "
+        "models); null keeps them.", min=1, max=LONGEST_CONTEXT)
     drop_similar: Optional[float] = _field(
         None, "Drop pairs whose two answers are this similar or more (Self-BLEU of the pair, 0 to 1); null keeps "
         "them.", greater_than=0.0, max=1.0)

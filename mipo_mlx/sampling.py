@@ -41,7 +41,7 @@ from mipo_mlx.chat import encode_prompt
 from mipo_mlx.data import PromptRecord, check_negatives, read_prompts, round_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.lora import use_adapter
-from mipo_mlx.metrics import repetition_loop, self_bleu
+from mipo_mlx.metrics import echoed_words, repetition_loop, self_bleu
 from mipo_mlx.rundir import PAIRS_FILE, MipoRecord, Pair, PairsWriter
 from mipo_mlx.scoring import SCORING_ROWS, score_pairs
 from mipo_mlx.seeds import derived_seed
@@ -177,7 +177,7 @@ def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe, seed: 
 
 
 def drop_reason(pair: Pair, sampling) -> str | None:
-    """Why the optional filters drop a pair ("identical", "empty", "truncated", "looping", "similar"), or None."""
+    """Why the optional filters drop a pair ("identical", "empty", "truncated", "looping", "echo", "similar"), or None."""
     chosen, rejected = pair.chosen_text, pair.rejected_text
     if sampling.drop_identical and chosen.strip() == rejected.strip():
         return "identical"
@@ -187,6 +187,9 @@ def drop_reason(pair: Pair, sampling) -> str | None:
         return "truncated"
     if sampling.drop_looping and repetition_loop(chosen):
         return "looping"  # DPO would push the model towards the loop
+    context = "\n".join(m["content"] for m in pair.prompt_messages() if m["role"] == "system")
+    if sampling.drop_echo is not None and echoed_words(chosen, context) >= sampling.drop_echo:
+        return "echo"  # DPO would teach the model to copy its context: the cheapest answer only the context explains
     if sampling.drop_similar is not None and self_bleu([chosen, rejected]) >= sampling.drop_similar:
         return "similar"  # the pair says little about the prompt: nearly the same answer either way
     return None

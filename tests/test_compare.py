@@ -18,6 +18,7 @@ from mipo_mlx.loading import load_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.metrics import (
     bootstrap_interval,
+    echoed_words,
     paired_permutation_p,
     repetition_loop,
     self_bleu,
@@ -142,6 +143,34 @@ def test_a_loop_in_the_right_language_passes_the_language_check_and_shows_as_a_l
     _, metrics = score(records, {"base": base, "adapted": adapted}, samples=100, seed=0)
     assert (metrics["adherence/language"]["before"], metrics["adherence/language"]["after"]) == (0.0, 1.0)
     assert (metrics["repetition_loop"]["before"], metrics["repetition_loop"]["after"]) == (0.0, 1.0)
+
+
+PROFILE = "I'm Kenji, a carpenter living in Osaka with my dog Bruno. End every answer with 'Take care'."
+
+
+@pytest.mark.parametrize("answer, words", [
+    ("Hi Kenji, try a walk by the river in Osaka. Take care", 2),  # a name, a city, the closing asked for
+    ("I'm Kenji, a carpenter living in Osaka. End every answer with 'Take care'.", 8),
+    ("As a Carpenter living in OSAKA, you could build a shelf.", 5),  # case and punctuation do not matter
+    ("", 0),
+])
+def test_echoed_words_is_the_longest_run_of_the_context_the_answer_repeats(answer, words):
+    assert echoed_words(answer, PROFILE) == words
+
+
+def test_answers_that_copy_their_context_count_as_echo_and_pass_a_mention_check():
+    mention = {"preferences": [{"kind": "mention", "value": "Osaka"}]}
+    records = [PromptRecord(f"p{i}", "How can I relax after work?", PROFILE, extras=mention) for i in range(2)]
+    records.append(PromptRecord("plain", "How can I relax after work?"))  # no context: nothing to echo
+    base = [Answer("Take a walk and read a book.", [1] * 7, "stop")] * 3
+    adapted = [Answer("I'm Kenji, a carpenter living in Osaka with my dog Bruno.", [1] * 12, "stop")] * 3
+    rows, metrics = score(records, {"base": base, "adapted": adapted}, samples=100, seed=0)
+    assert [r.get("echo") for r in rows] == [{"base": False, "adapted": True}] * 2 + [None]
+    assert metrics["context_echo"]["n"] == 2
+    assert (metrics["context_echo"]["before"], metrics["context_echo"]["after"]) == (0.0, 1.0)
+    assert (metrics["adherence/mention"]["before"], metrics["adherence/mention"]["after"]) == (0.0, 1.0)
+    _, plain = score(records[2:], {"base": base[:1], "adapted": adapted[:1]}, samples=100, seed=0)
+    assert "context_echo" not in plain
 
 
 def strict_json(text: str):

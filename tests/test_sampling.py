@@ -238,6 +238,19 @@ def test_looping_and_near_duplicate_pairs_are_dropped_when_asked(chosen, rejecte
     assert sampling.drop_reason(pair, parse_recipe("").sampling) is None  # off by default
 
 
+@pytest.mark.parametrize("chosen, reason", [
+    ("I'm Kenji, a carpenter living in Osaka. Try a warm bath.", "echo"),  # 6 words of the context
+    ("Hi Kenji, a warm bath in Osaka helps. Take care", None),  # the name, the city and the closing asked for
+])
+def test_pairs_whose_chosen_answer_copies_its_context_are_dropped_when_asked(chosen, reason):
+    settings = parse_recipe("sampling: {drop_echo: 5}").sampling
+    context = "I'm Kenji, a carpenter living in Osaka with my dog Bruno. End every answer with 'Take care'."
+    prompt = [{"role": "system", "content": context}, {"role": "user", "content": "How can I relax?"}]
+    pair = Pair(prompt, chosen, "Go for a run.", MipoRecord(finish={"chosen": "stop", "rejected": "stop"}))
+    assert sampling.drop_reason(pair, settings) == reason
+    assert sampling.drop_reason(pair, parse_recipe("").sampling) is None  # off by default
+
+
 def test_strategies_that_need_contexts_say_so(tmp_path, tiny_model_dirs):
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"prompt": "Hi there"}\n{"prompt": "Hello again"}\n')
