@@ -27,11 +27,12 @@ def format_metrics(record: dict) -> str:
 
 
 def round_line(record: dict) -> str:
-    """A round_finished event in one line: the round's held-out DPO loss, reward accuracy and probe loops."""
+    """A round_finished event in one line: the round's held-out DPO loss, reward accuracy, probe loops and echoes."""
     held_out, selected = record.get("held_out") or {}, record.get("selected") or {}
     shown = [f"{label} {held_out[name]:.3g}" for name, label in (
         ("loss", "held-out loss"), ("rewards/accuracies", "reward accuracy"),
-        ("generation/repetition_loop", "probe loops")) if isinstance(held_out.get(name), (int, float))]
+        ("generation/repetition_loop", "probe loops"), ("generation/context_echo", "probe echoes"))
+        if isinstance(held_out.get(name), (int, float))]
     shown.append(f"adapter of step {selected.get('step', '?')} ({selected.get('selected_by', '?')})")
     return f"round {record['round']} of {record['rounds']}: " + ", ".join(shown)
 

@@ -226,8 +226,9 @@ class TrainingConfig:
         None, "Stop when select_checkpoint's held-out metric has not improved for this many evaluations (at most "
         "1000, as epochs); null trains every step.", min=1, max=1000)
     probe_prompts: int = _field(
-        8, "Held-out prompts answered greedily at each held-out evaluation, to report repetition loops and answer "
-        "length while training (0 turns it off; at most 256: each evaluation answers them all).", min=0, max=256)
+        8, "Held-out prompts answered greedily at each held-out evaluation, to report repetition loops, copies of "
+        "the context (as compare's context_echo) and answer length while training (0 turns it off; at most 256: each "
+        "evaluation answers them all).", min=0, max=256)
     rounds: int = _field(
         1, "Rounds of iterative MIPO: each round after the first samples new pairs from the model the round before "
         "made (the base with its adapter), which is then the reference, and trains that adapter on (at most 100: "

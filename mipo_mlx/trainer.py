@@ -27,8 +27,9 @@ by the model as training starts: the base, or in a later round the previous roun
 
 Held-out evidence (fit): every training.eval_every steps the held-out pairs' DPO metrics,
 and training.probe_prompts held-out prompts answered greedily, with the share of answers
-in a repetition loop and their length, against the same answers before training (a run
-that starts to loop says so: a warning note). training.select_checkpoint picks the final
+in a repetition loop, the share that copy their context (compare's context_echo) and their
+length, against the same answers before training (a run that starts to loop or to echo
+says so: a warning note). training.select_checkpoint picks the final
 adapter: the last step, or the evaluation with the best held-out DPO loss or reward
 accuracy among those whose probe answers loop no more than before training (if none, the
 fewest loops); training.early_stopping_patience stops when that has not improved for so
@@ -96,7 +97,7 @@ from mipo_mlx import distributed
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
-from mipo_mlx.metrics import repetition_loop
+from mipo_mlx.metrics import ECHO_WORDS, echoed_words, repetition_loop
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder, sha256_of
 from mipo_mlx.lora import (
@@ -129,6 +130,7 @@ class Example:
     rejected: tuple[list[int], int]
     ref_chosen: float
     ref_rejected: float
+    context: str = ""  # the prompt's system messages: what the training probe checks its answers copy
 
     @property
     def length(self) -> int:
@@ -160,7 +162,7 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
         prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
         examples.append(Example(
             str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            ref_chosen, ref_rejected,
+            ref_chosen, ref_rejected, "\n".join(m["content"] for m in messages if m["role"] == "system"),
         ))
     return examples
 
@@ -598,31 +600,39 @@ def report(trainer: Trainer, events, window: list[dict], seconds: float, started
 
 
 class Probe:
-    """Held-out prompts answered greedily during training: the share that loops and their length, then and before."""
+    """Held-out prompts answered greedily during training: the share that loops or copies its context, and their
+    length, then and before."""
 
     def __init__(self, trainer: Trainer, count: int, max_tokens: int):
-        prompts = {e.prompt_id: e.prompt for e in trainer.held_out}  # one per prompt: a prompt has k pairs
-        self.prompts = [prompts[key] for key in sorted(prompts)[:count]]
+        examples = {e.prompt_id: e for e in trainer.held_out}  # one per prompt: a prompt has k pairs
+        probed = [examples[key] for key in sorted(examples)[:count]]
+        self.prompts, self.contexts = [e.prompt for e in probed], [e.context for e in probed]
+        self.with_context = sum(1 for context in self.contexts if context)
         self.trainer, self.settings = trainer, SamplerSettings(0.0, 1.0, max_tokens)
         with adapter_disabled(trainer.model):
-            self.base_loops, _ = self.answer()
+            self.before = self.answer()
 
-    def answer(self) -> tuple[int, float]:
-        """Answers in a repetition loop, and the mean answer length in tokens."""
+    def answer(self) -> dict:
+        """Answers in a repetition loop ("loops"), answers that copy their context ("echoes", as compare's
+        context_echo), and the mean answer length in tokens ("tokens")."""
         model = self.trainer.model.eval()
 
         def answered(part: list[int]) -> list[list]:
             answers = generate_answers(model, self.trainer.tokenizer, [self.prompts[i] for i in part], self.settings,
                                        self.trainer.seed, keys=part, batch_size=len(part))
-            return [[repetition_loop(a.text), len(a.token_ids)] for a in answers]
+            echoes = [bool(self.contexts[i]) and echoed_words(a.text, self.contexts[i]) >= ECHO_WORDS
+                      for a, i in zip(answers, part)]
+            return [[repetition_loop(a.text), echo, len(a.token_ids)] for a, echo in zip(answers, echoes)]
 
         answers = distributed.split_work(list(range(len(self.prompts))), answered)
-        return sum(loop for loop, _ in answers), sum(tokens for _, tokens in answers) / len(answers)
+        return {"loops": sum(a[0] for a in answers), "echoes": sum(a[1] for a in answers),
+                "tokens": sum(a[2] for a in answers) / len(answers)}
 
 
 SELECTION_METRICS = {"eval_loss": ("loss", 1.0), "eval_reward_accuracy": ("rewards/accuracies", -1.0)}
-# The held-out evidence a stage summary (and each round's) ends with: the DPO loss, reward accuracy and probe loops.
-HELD_OUT_SUMMARY = ("loss", "rewards/accuracies", "generation/repetition_loop")
+# The held-out evidence a stage summary (and each round's) ends with: the DPO loss, reward accuracy, probe loops and
+# (for prompts with a context) probe echoes.
+HELD_OUT_SUMMARY = ("loss", "rewards/accuracies", "generation/repetition_loop", "generation/context_echo")
 
 
 def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) -> tuple[bool, dict]:
@@ -632,12 +642,19 @@ def evaluate_held_out(trainer: Trainer, run, config: dict, probe: Probe | None) 
     metrics = trainer.held_out_metrics()
     excess = 0
     if probe:
-        loops, tokens = probe.answer()
-        metrics.update({"generation/repetition_loop": loops / len(probe.prompts), "generation/answer_tokens": tokens})
-        excess = max(loops - probe.base_loops, 0)
+        now, before = probe.answer(), probe.before
+        metrics.update({"generation/repetition_loop": now["loops"] / len(probe.prompts),
+                        "generation/answer_tokens": now["tokens"]})
+        excess = max(now["loops"] - before["loops"], 0)
         if excess:
-            events.emit("note", level="warning", text=f"step {trainer.step}: {loops} of {len(probe.prompts)} held-out "
-                        f"answers loop ({probe.base_loops} before training)")
+            events.emit("note", level="warning", text=f"step {trainer.step}: {now['loops']} of {len(probe.prompts)} "
+                        f"held-out answers loop ({before['loops']} before training)")
+        if probe.with_context:
+            metrics["generation/context_echo"] = now["echoes"] / probe.with_context
+            if now["echoes"] > before["echoes"]:
+                events.emit("note", level="warning", text=f"step {trainer.step}: {now['echoes']} of "
+                            f"{probe.with_context} held-out answers copy their context ({before['echoes']} before "
+                            "training)")
     events.emit("metrics", stage="train", split="eval", step=trainer.step, epoch=trainer.epoch, **metrics)
     if t.select_checkpoint == "last":
         return False, metrics

@@ -125,7 +125,8 @@ def test_round_two_goes_on_from_the_round_one_adapter_and_reports_each_round(run
     finished_rounds = [e for e in events if e["event"] == "round_finished"]
     assert [(e["round"], e["rounds"]) for e in finished_rounds] == [(1, 2), (2, 2)]
     for event in finished_rounds:
-        assert set(event["held_out"]) == {"loss", "rewards/accuracies", "generation/repetition_loop"}
+        assert set(event["held_out"]) == {"loss", "rewards/accuracies", "generation/repetition_loop",
+                                          "generation/context_echo"}  # the prompts have a context
         assert event["selected"]["step"] == 8
     report = (two / "compare" / "report.md").read_text(encoding="utf-8")
     assert f"**adapter**: {two / 'rounds' / '2' / 'adapters'}" in report

@@ -31,7 +31,7 @@ from mipo_mlx.loading import load_recipe_model
 from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
-from mipo_mlx.rundir import Pair, is_held_out, open_run, read_checkpoint_state, write_checkpoint_state
+from mipo_mlx.rundir import MipoRecord, Pair, is_held_out, open_run, read_checkpoint_state, write_checkpoint_state
 from mipo_mlx.scoring import answer_logprobs, pad_batch
 
 PAIRS = [
@@ -480,13 +480,13 @@ def test_held_out_answers_that_loop_more_than_before_training_are_reported_and_n
     trainer = trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], run.recipe.training, seed=0)
 
     class LoopingProbe:  # answers that loop more after some steps than before training
-        prompts, base_loops = [None] * 4, 1
+        prompts, with_context, before = [None] * 4, 0, {"loops": 1, "echoes": 0, "tokens": 12.0}
 
         def __init__(self):
             self.loops = iter([1, 3])
 
         def answer(self):
-            return next(self.loops), 12.0
+            return {"loops": next(self.loops), "echoes": 0, "tokens": 12.0}
 
     probe, config = LoopingProbe(), {"mipo": {}}
     trainer.step = 10
@@ -501,6 +501,28 @@ def test_held_out_answers_that_loop_more_than_before_training_are_reported_and_n
     assert warnings == ["step 20: 3 of 4 held-out answers loop (1 before training)"]
     probes = [e for e in events if e["event"] == "metrics" and e["split"] == "eval"]
     assert [e["generation/repetition_loop"] for e in probes] == [0.25, 0.75]
+
+
+def test_held_out_answers_that_copy_their_context_more_than_before_training_are_reported(tmp_path, tiny_model_dirs):
+    run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "echoes", "training.eval_fraction=0.3")
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    context = "I'm Kenji, a carpenter living in Osaka with my dog Bruno."
+    pairs = [Pair([{"role": "system", "content": context}, {"role": "user", "content": question}], chosen, rejected,
+                  MipoRecord(prompt_id=f"p{n}")) for n, (question, _, chosen, rejected) in enumerate(PAIRS)]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    assert all(e.context == context for e in examples)
+    trainer = trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], run.recipe.training, seed=0)
+    probe = trainer_module.Probe(trainer, count=2, max_tokens=8)
+    assert probe.with_context == 2 and probe.before["echoes"] == 0  # the tiny model's answers copy nothing
+    echo = {"loops": 0, "echoes": 2, "tokens": 8.0}
+    probe.answer = lambda: echo  # the answers after some steps: both copy the context
+    trainer.step = 10
+    _, metrics = trainer_module.evaluate_held_out(trainer, run, {"mipo": {}}, probe)
+    assert metrics["generation/context_echo"] == 1.0
+    events, _ = read_events(run.dir / "events.jsonl")
+    warnings = [e["text"] for e in events if e["event"] == "note" and e["level"] == "warning"]
+    assert warnings == ["step 10: 2 of 2 held-out answers copy their context (0 before training)"]
 
 
 def damage_with_random_bytes(checkpoint):
