@@ -19,7 +19,9 @@ seeds with a 95% bootstrap interval and a paired permutation p over prompts (eac
 prompt's change averaged over the seeds), the spread of the per-seed changes, the
 change against the first variant (same pairing), answers in a repetition loop and answers
 that copy their context (compare's context_echo) before and after (over all seeds), the
-held-out PMI change, and minutes per run.
+change of the metric when an answer that loops or copies its context counts as 0 ("sound
+change": such answers pass a language or "mention" check, and a user sees them as broken),
+the held-out PMI change, and minutes per run.
 """
 
 import argparse
@@ -119,6 +121,11 @@ def echoes(row: dict, side: str) -> bool | None:
     return echoed_words(row[side], context) >= ECHO_WORDS if context else None
 
 
+def sound(row: dict, side: str) -> bool:
+    """Neither in a repetition loop nor a copy of the context."""
+    return not row["loop"][side] and not echoes(row, side)
+
+
 def read_run(run_dir: Path, metric: str) -> dict:
     metrics, rows = read_outputs(run_dir / COMPARE_DIR)
     rows = [r for r in rows if (metric.startswith("accuracy/") and "correct" in r) or
@@ -128,6 +135,10 @@ def read_run(run_dir: Path, metric: str) -> dict:
         "ids": [r["id"] for r in rows],
         "before": np.array([row_value(r, metric, "base") for r in rows]),
         "after": np.array([row_value(r, metric, "adapted") for r in rows]),
+        # The metric with an answer that loops or copies its context counted as getting nothing right: such an
+        # answer passes a language or "mention" check, and a user sees it as broken.
+        "clean_before": np.array([row_value(r, metric, "base") * sound(r, "base") for r in rows]),
+        "clean_after": np.array([row_value(r, metric, "adapted") * sound(r, "adapted") for r in rows]),
         "loops": (sum(r["loop"]["base"] for r in rows), sum(r["loop"]["adapted"] for r in rows), len(rows)),
         # Counted here rather than read from the rows: runs compared before context_echo existed have none.
         "echoes": [(echoes(r, "base"), echoes(r, "adapted")) for r in rows if echoes(r, "base") is not None],
@@ -140,11 +151,13 @@ def summarize_point(runs: list[dict], baseline: list[dict] | None) -> dict:
     before = np.mean([r["before"] for r in runs], axis=0)  # (prompts,), averaged over seeds
     after = np.mean([r["after"] for r in runs], axis=0)
     change = after - before
+    clean = np.mean([r["clean_after"] - r["clean_before"] for r in runs], axis=0)
     per_seed = [float((r["after"] - r["before"]).mean()) for r in runs]
     summary = {
         "seeds": len(runs), "n": len(change), "before": float(before.mean()), "after": float(after.mean()),
         "change": float(change.mean()), "change_ci": bootstrap_interval(change, SAMPLES, 0),
         "p": paired_permutation_p(before, after, SAMPLES, 0), "per_seed_change": per_seed,
+        "clean_change": float(clean.mean()), "clean_change_ci": bootstrap_interval(clean, SAMPLES, 0),
         "loops_before": sum(r["loops"][0] for r in runs), "loops_after": sum(r["loops"][1] for r in runs),
         "answers": sum(r["loops"][2] for r in runs),
         "echoes_before": sum(b for r in runs for b, _ in r["echoes"]),
@@ -165,8 +178,9 @@ def pct(value: float) -> str:
 
 def format_table(results: list[dict]) -> str:
     lines = ["| yardstick | variant | seeds x n | before | after | change [95% CI] | p | per-seed changes "
-             "| vs first [95% CI] | p | loops before -> after | echoes before -> after | PMI change | min/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| vs first [95% CI] | p | loops before -> after | echoes before -> after | sound change [95% CI] "
+             "| PMI change | min/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = r["summary"]
         vs = (f"{pct(s['vs_first'])} [{pct(s['vs_first_ci'][0])}, {pct(s['vs_first_ci'][1])}] | {s['vs_first_p']:.3f}"
@@ -177,7 +191,9 @@ def format_table(results: list[dict]) -> str:
             f"| {r['yardstick']} | {r['variant']} | {s['seeds']} x {s['n']} | {100 * s['before']:.1f} | "
             f"{100 * s['after']:.1f} | {pct(s['change'])} [{pct(s['change_ci'][0])}, {pct(s['change_ci'][1])}] | "
             f"{s['p']:.3f} | {', '.join(pct(c) for c in s['per_seed_change'])} | {vs} | "
-            f"{s['loops_before']} -> {s['loops_after']} of {s['answers']} | {echo} | {pmi} | {r['minutes']:.1f} |")
+            f"{s['loops_before']} -> {s['loops_after']} of {s['answers']} | {echo} | "
+            f"{pct(s['clean_change'])} [{pct(s['clean_change_ci'][0])}, {pct(s['clean_change_ci'][1])}] | {pmi} | "
+            f"{r['minutes']:.1f} |")
     return "\n".join(lines)
 
 
