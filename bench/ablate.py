@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mipo_mlx.data import context_of  # noqa: E402
 from mipo_mlx.metrics import ECHO_WORDS, bootstrap_interval, echoed_words, paired_permutation_p  # noqa: E402
 from mipo_mlx.recipe import load_recipe, recipe_to_dict  # noqa: E402
 from mipo_mlx.report import read_outputs  # noqa: E402
@@ -117,7 +118,7 @@ def row_value(row: dict, metric: str, side: str) -> float:
 
 def echoes(row: dict, side: str) -> bool | None:
     """Whether the side's answer copies the prompt's context (compare's context_echo); None without a context."""
-    context = "\n".join(m["content"] for m in row["prompt"] if m["role"] == "system")
+    context = context_of(row["prompt"])
     return echoed_words(row[side], context) >= ECHO_WORDS if context else None
 
 
@@ -137,8 +138,8 @@ def read_run(run_dir: Path, metric: str) -> dict:
         "after": np.array([row_value(r, metric, "adapted") for r in rows]),
         # The metric with an answer that loops or copies its context counted as getting nothing right: such an
         # answer passes a language or "mention" check, and a user sees it as broken.
-        "clean_before": np.array([row_value(r, metric, "base") * sound(r, "base") for r in rows]),
-        "clean_after": np.array([row_value(r, metric, "adapted") * sound(r, "adapted") for r in rows]),
+        "sound_before": np.array([row_value(r, metric, "base") * sound(r, "base") for r in rows]),
+        "sound_after": np.array([row_value(r, metric, "adapted") * sound(r, "adapted") for r in rows]),
         "loops": (sum(r["loop"]["base"] for r in rows), sum(r["loop"]["adapted"] for r in rows), len(rows)),
         # Counted here rather than read from the rows: runs compared before context_echo existed have none.
         "echoes": [(echoes(r, "base"), echoes(r, "adapted")) for r in rows if echoes(r, "base") is not None],
@@ -151,13 +152,13 @@ def summarize_point(runs: list[dict], baseline: list[dict] | None) -> dict:
     before = np.mean([r["before"] for r in runs], axis=0)  # (prompts,), averaged over seeds
     after = np.mean([r["after"] for r in runs], axis=0)
     change = after - before
-    clean = np.mean([r["clean_after"] - r["clean_before"] for r in runs], axis=0)
+    sound_change = np.mean([r["sound_after"] - r["sound_before"] for r in runs], axis=0)
     per_seed = [float((r["after"] - r["before"]).mean()) for r in runs]
     summary = {
         "seeds": len(runs), "n": len(change), "before": float(before.mean()), "after": float(after.mean()),
         "change": float(change.mean()), "change_ci": bootstrap_interval(change, SAMPLES, 0),
         "p": paired_permutation_p(before, after, SAMPLES, 0), "per_seed_change": per_seed,
-        "clean_change": float(clean.mean()), "clean_change_ci": bootstrap_interval(clean, SAMPLES, 0),
+        "sound_change": float(sound_change.mean()), "sound_change_ci": bootstrap_interval(sound_change, SAMPLES, 0),
         "loops_before": sum(r["loops"][0] for r in runs), "loops_after": sum(r["loops"][1] for r in runs),
         "answers": sum(r["loops"][2] for r in runs),
         "echoes_before": sum(b for r in runs for b, _ in r["echoes"]),
@@ -192,7 +193,7 @@ def format_table(results: list[dict]) -> str:
             f"{100 * s['after']:.1f} | {pct(s['change'])} [{pct(s['change_ci'][0])}, {pct(s['change_ci'][1])}] | "
             f"{s['p']:.3f} | {', '.join(pct(c) for c in s['per_seed_change'])} | {vs} | "
             f"{s['loops_before']} -> {s['loops_after']} of {s['answers']} | {echo} | "
-            f"{pct(s['clean_change'])} [{pct(s['clean_change_ci'][0])}, {pct(s['clean_change_ci'][1])}] | {pmi} | "
+            f"{pct(s['sound_change'])} [{pct(s['sound_change_ci'][0])}, {pct(s['sound_change_ci'][1])}] | {pmi} | "
             f"{r['minutes']:.1f} |")
     return "\n".join(lines)
 

@@ -58,6 +58,11 @@ class PromptRecord:
         return system + self.history + [{"role": "user", "content": self.question}]
 
 
+def context_of(messages: list[dict]) -> str:
+    """The user's context in a chat prompt (PromptRecord.messages puts it in the system message); "" without one."""
+    return "\n".join(m["content"] for m in messages if m["role"] == "system")
+
+
 def bundled_path(name: str, key: str) -> Path:
     """File of a bundled set, e.g. 'personalization/train'; `key` is what named it, for the error."""
     path = BUNDLED_DIR / f"{name}.jsonl"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
-from mipo_mlx.data import PromptRecord, check_negatives, read_prompts, round_prompts
+from mipo_mlx.data import PromptRecord, check_negatives, context_of, read_prompts, round_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.lora import use_adapter
 from mipo_mlx.metrics import echoed_words, repetition_loop, self_bleu
@@ -187,7 +187,7 @@ def drop_reason(pair: Pair, sampling) -> str | None:
         return "truncated"
     if sampling.drop_looping and repetition_loop(chosen):
         return "looping"  # DPO would push the model towards the loop
-    context = "\n".join(m["content"] for m in pair.prompt_messages() if m["role"] == "system")
+    context = context_of(pair.prompt_messages())
     if sampling.drop_echo is not None and echoed_words(chosen, context) >= sampling.drop_echo:
         return "echo"  # DPO would teach the model to copy its context: the cheapest answer only the context explains
     if sampling.drop_similar is not None and self_bleu([chosen, rejected]) >= sampling.drop_similar:

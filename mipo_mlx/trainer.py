@@ -95,6 +95,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_answer
+from mipo_mlx.data import context_of
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.metrics import ECHO_WORDS, echoed_words, repetition_loop
@@ -162,7 +163,7 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
         prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
         examples.append(Example(
             str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            ref_chosen, ref_rejected, "\n".join(m["content"] for m in messages if m["role"] == "system"),
+            ref_chosen, ref_rejected, context_of(messages),
         ))
     return examples
 
