@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mipo_mlx.data import context_of  # noqa: E402
-from mipo_mlx.metrics import ECHO_WORDS, bootstrap_interval, echoed_words, paired_permutation_p  # noqa: E402
+from mipo_mlx.metrics import bootstrap_interval, copies_context, paired_permutation_p  # noqa: E402
 from mipo_mlx.recipe import load_recipe, recipe_to_dict  # noqa: E402
 from mipo_mlx.report import read_outputs  # noqa: E402
 from mipo_mlx.rundir import COMPARE_DIR, METRICS_FILE, PAIRS_FILE, RECIPE_FILE  # noqa: E402
@@ -116,33 +116,27 @@ def row_value(row: dict, metric: str, side: str) -> float:
     return float(np.mean(list(row["checks"][side].values())))
 
 
-def echoes(row: dict, side: str) -> bool | None:
-    """Whether the side's answer copies the prompt's context (compare's context_echo); None without a context."""
-    context = context_of(row["prompt"])
-    return echoed_words(row[side], context) >= ECHO_WORDS if context else None
-
-
-def sound(row: dict, side: str) -> bool:
-    """Neither in a repetition loop nor a copy of the context."""
-    return not row["loop"][side] and not echoes(row, side)
-
-
 def read_run(run_dir: Path, metric: str) -> dict:
     metrics, rows = read_outputs(run_dir / COMPARE_DIR)
     rows = [r for r in rows if (metric.startswith("accuracy/") and "correct" in r) or
             (metric.startswith("adherence/") and r["checks"]["base"])]
     pmi = metrics.get("mutual_information/pmi", {})
+    # Copies of the context are counted here rather than read from the rows: runs compared before context_echo
+    # existed have none.
+    contexts = [context_of(r["prompt"]) for r in rows]
+    copied = [{side: copies_context(r[side], c) for side in ("base", "adapted")} for r, c in zip(rows, contexts)]
+    # The metric with an answer that loops or copies its context counted as getting nothing right: such an answer
+    # passes a language or "mention" check, and a user sees it as broken.
+    sound = lambda side: np.array([row_value(r, metric, side) * (not r["loop"][side] and not c[side])
+                                   for r, c in zip(rows, copied)])
     return {
         "ids": [r["id"] for r in rows],
         "before": np.array([row_value(r, metric, "base") for r in rows]),
         "after": np.array([row_value(r, metric, "adapted") for r in rows]),
-        # The metric with an answer that loops or copies its context counted as getting nothing right: such an
-        # answer passes a language or "mention" check, and a user sees it as broken.
-        "sound_before": np.array([row_value(r, metric, "base") * sound(r, "base") for r in rows]),
-        "sound_after": np.array([row_value(r, metric, "adapted") * sound(r, "adapted") for r in rows]),
+        "sound_before": sound("base"),
+        "sound_after": sound("adapted"),
         "loops": (sum(r["loop"]["base"] for r in rows), sum(r["loop"]["adapted"] for r in rows), len(rows)),
-        # Counted here rather than read from the rows: runs compared before context_echo existed have none.
-        "echoes": [(echoes(r, "base"), echoes(r, "adapted")) for r in rows if echoes(r, "base") is not None],
+        "echoes": [(c["base"], c["adapted"]) for c, context in zip(copied, contexts) if context],
         "pmi": (pmi.get("after") or 0.0) - (pmi.get("before") or 0.0) if pmi else None,
     }
 

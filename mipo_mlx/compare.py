@@ -46,7 +46,7 @@ from mipo_mlx.errors import UserError
 from mipo_mlx.generation import Answer, SamplerSettings, generate_answers
 from mipo_mlx.judge import JUDGE_SETTINGS, judge_metrics, judge_rows, load_judge
 from mipo_mlx.lora import adapter_disabled, use_adapter
-from mipo_mlx.metrics import ECHO_WORDS, echoed_words, per_side, repetition_loop, self_bleu, summarize, whole_set
+from mipo_mlx.metrics import copies_context, per_side, repetition_loop, self_bleu, summarize, whole_set
 from mipo_mlx.preferences import check_all
 from mipo_mlx.report import report_summary, write_outputs
 from mipo_mlx.rundir import COMPARE_DIR, PAIRS_FILE, Pair, is_held_out, read_pairs, reopen_run
@@ -93,7 +93,7 @@ def score(records, answers: dict, samples: int, seed: int) -> tuple[list[dict], 
                "checks": checks, "tokens": {side: len(answers[side][i].token_ids) for side in sides},
                "loop": {side: repetition_loop(texts[side]) for side in sides}}
         if record.context:
-            row["echo"] = {side: echoed_words(texts[side], record.context) >= ECHO_WORDS for side in sides}
+            row["echo"] = {side: copies_context(texts[side], record.context) for side in sides}
         if task_of(record):
             row["task"], row["gold"] = task_of(record), str(record.extras["gold"])
             row["correct"] = {side: is_correct(record, texts[side]) for side in sides}

@@ -9,6 +9,7 @@
     self_bleu(answers)                    # similarity of the answers to each other (lower: more diverse)
     repetition_loop(answer)               # True when the answer fell into a repetition loop
     echoed_words(answer, context)         # the longest run of the context's words the answer repeats
+    copies_context(answer, context)       # True when that run is ECHO_WORDS or longer (compare's context_echo)
     json_ready(metrics)                   # undefined values (NaN) as None, for metrics.json
 
 A statistic of no values (the mean of an empty sample, its interval, the p-value of no
@@ -191,3 +192,8 @@ def echoed_words(text: str, context: str) -> int:
                 longest = max(longest, current[j])
         previous = current
     return longest
+
+
+def copies_context(text: str, context: str) -> bool:
+    """Whether the answer repeats ECHO_WORDS or more consecutive words of its context (compare's context_echo)."""
+    return bool(context) and echoed_words(text, context) >= ECHO_WORDS

@@ -187,8 +187,7 @@ def drop_reason(pair: Pair, sampling) -> str | None:
         return "truncated"
     if sampling.drop_looping and repetition_loop(chosen):
         return "looping"  # DPO would push the model towards the loop
-    context = context_of(pair.prompt_messages())
-    if sampling.drop_echo is not None and echoed_words(chosen, context) >= sampling.drop_echo:
+    if sampling.drop_echo is not None and echoed_words(chosen, context_of(pair.prompt_messages())) >= sampling.drop_echo:
         return "echo"  # DPO would teach the model to copy its context: the cheapest answer only the context explains
     if sampling.drop_similar is not None and self_bleu([chosen, rejected]) >= sampling.drop_similar:
         return "similar"  # the pair says little about the prompt: nearly the same answer either way

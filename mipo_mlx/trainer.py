@@ -98,7 +98,7 @@ from mipo_mlx.chat import encode_answer
 from mipo_mlx.data import context_of
 from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
-from mipo_mlx.metrics import ECHO_WORDS, echoed_words, repetition_loop
+from mipo_mlx.metrics import copies_context, repetition_loop
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import atomic_folder, sha256_of
 from mipo_mlx.lora import (
@@ -621,9 +621,8 @@ class Probe:
         def answered(part: list[int]) -> list[list]:
             answers = generate_answers(model, self.trainer.tokenizer, [self.prompts[i] for i in part], self.settings,
                                        self.trainer.seed, keys=part, batch_size=len(part))
-            echoes = [bool(self.contexts[i]) and echoed_words(a.text, self.contexts[i]) >= ECHO_WORDS
-                      for a, i in zip(answers, part)]
-            return [[repetition_loop(a.text), echo, len(a.token_ids)] for a, echo in zip(answers, echoes)]
+            return [[repetition_loop(a.text), copies_context(a.text, self.contexts[i]), len(a.token_ids)]
+                    for a, i in zip(answers, part)]
 
         answers = distributed.split_work(list(range(len(self.prompts))), answered)
         return {"loops": sum(a[0] for a in answers), "echoes": sum(a[1] for a in answers),
