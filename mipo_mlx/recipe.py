@@ -215,7 +215,8 @@ class TrainingConfig:
     eval_fraction: float = _field(0.1, "Share of pairs held out for evaluation.", min=0.0, less_than=1.0)
     report_every: int = _field(1, "Steps between metric reports (at most 1000000, as max_steps).",
                                min=1, max=MOST_ITEMS)
-    eval_every: int = _field(10, "Steps between held-out evaluations (at most 1000000, as max_steps).",
+    eval_every: int = _field(10, "Steps between held-out evaluations, and one at the last step (at most 1000000, "
+                             "as max_steps).",
                              min=1, max=MOST_ITEMS)
     save_every: int = _field(20, "Steps between checkpoints (at most 1000000, as max_steps).",
                              min=1, max=MOST_ITEMS)

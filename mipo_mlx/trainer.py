@@ -25,7 +25,8 @@ chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensit
 alpha, in the policy's and in the reference's log-probs, which are then scored once here
 by the model as training starts: the base, or in a later round the previous round's model).
 
-Held-out evidence (fit): every training.eval_every steps the held-out pairs' DPO metrics,
+Held-out evidence (fit): every training.eval_every steps (and at the last step, which takes
+the place of a periodic one less than half an interval before it) the held-out pairs' DPO metrics,
 and training.probe_prompts held-out prompts answered greedily, with the share of answers
 in a repetition loop, the share that copy their context (compare's context_echo) and their
 length, against the same answers before training (a run that starts to loop or to echo
@@ -693,6 +694,12 @@ def write_final_adapter(trainer: Trainer, run, config: dict) -> dict:
     return selected
 
 
+def evaluates_before_last(step: int, total_steps: int, eval_every: int) -> bool:
+    """Whether a periodic held-out evaluation comes at this step: not less than half an interval before the last
+    step's, which would repeat it at the same cost (an evaluation costs a few steps)."""
+    return step % eval_every == 0 and 2 * (total_steps - step) >= eval_every
+
+
 def fit(trainer: Trainer, run, config: dict) -> dict:
     """Train to the last step (or an early stop), with reports, held-out evidence and checkpoints; adapters/ at the end."""
     t, events, model = trainer.training, run.events, trainer.model
@@ -715,7 +722,7 @@ def fit(trainer: Trainer, run, config: dict) -> dict:
             if trainer.step % t.report_every == 0 or last_step:
                 report(trainer, events, window, time.time() - window_start, started, first_step)
                 window = []
-            if trainer.held_out and (trainer.step % t.eval_every == 0 or last_step):
+            if trainer.held_out and (last_step or evaluates_before_last(trainer.step, trainer.total_steps, t.eval_every)):
                 trainer.stopped_early, held_out = evaluate_held_out(trainer, run, config, probe)
             # Every rank stops after the same step (Ctrl+C reaches each at its own moment).
             stopping = distributed.any_rank(stop.is_set()) and not last_step and not trainer.stopped_early

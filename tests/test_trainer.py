@@ -643,3 +643,14 @@ def test_each_checkpoint_records_the_sha256_of_its_files(tmp_path, tiny_model_di
         assert state["sha256"]["adapters.safetensors"] == event["sha256"]
         for name, digest in state["sha256"].items():
             assert hashlib.sha256((Path(event["path"]) / name).read_bytes()).hexdigest() == digest
+
+
+def test_held_out_evaluations_come_every_eval_every_steps_and_at_the_last_not_twice_in_a_row(tmp_path, tiny_model_dirs):
+    overrides = ("training.epochs=20", "training.batch_size=2", "training.eval_fraction=0.3", "training.eval_every=4",
+                 "training.probe_prompts=0")
+    for steps, expected in ((9, [4, 9]), (10, [4, 8, 10])):  # step 8 is half an interval (2 steps) from 10
+        run = train_run(tmp_path, tiny_model_dirs[("llama", False)], f"every-{steps}", *overrides,
+                        f"training.max_steps={steps}")
+        run_stages(run, ["train"])
+        events, _ = read_events(run.dir / "events.jsonl")
+        assert [e["step"] for e in events if e["event"] == "metrics" and e["split"] == "eval"] == expected
