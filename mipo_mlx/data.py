@@ -272,11 +272,13 @@ def round_prompts(records: list[PromptRecord], number: int, rounds: int, mode: s
     return records[number - 1 :: rounds] if mode == "split" else records
 
 
-def check_negatives(records: list[PromptRecord], strategy: str) -> None:
-    """Whether `records` can give the negatives of `strategy` (sampling.negative); a UserError says why not.
+def check_negatives(records: list[PromptRecord], strategy: str, echo_pairs: bool = False) -> None:
+    """Whether `records` can give the negatives of `strategy` (sampling.negative) and, if asked, echo pairs; a
+    UserError says why not.
 
     drop_context and swap_context need a context on every prompt, random_prompt and
-    swap_context at least 2 prompts, swap_context at least 2 different contexts.
+    swap_context at least 2 prompts, swap_context at least 2 different contexts, echo pairs
+    a context on some prompt.
     """
     if strategy in ("drop_context", "swap_context") and not all(r.context for r in records):
         missing = next(r for r in records if not r.context)
@@ -290,3 +292,6 @@ def check_negatives(records: list[PromptRecord], strategy: str) -> None:
         raise UserError(f"the {strategy} negative needs at least 2 prompts", key="data.train")
     if strategy == "swap_context" and len({r.context for r in records if r.context}) < 2:
         raise UserError("swap_context needs at least 2 different contexts in the data", key="sampling.negative")
+    if echo_pairs and not any(r.context for r in records):
+        raise UserError(f"echo pairs need prompts with a context (a system message), and none of the {len(records)} "
+                        "prompts has one; set sampling.echo_pairs: false", key="sampling.echo_pairs")

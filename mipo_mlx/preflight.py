@@ -106,7 +106,7 @@ def preflight(recipe, *, resume: bool | None, stages: list[str], run_folder: boo
 def check_round_prompts(train: list, recipe) -> None:
     """Whether every round's prompts (all of them, or its part of sampling.round_prompts: split) give its negatives."""
     rounds, mode, negative = recipe.training.rounds, recipe.sampling.round_prompts, recipe.sampling.negative
-    check_negatives(train, negative)
+    check_negatives(train, negative, recipe.sampling.echo_pairs)
     if mode != "split" or rounds == 1:
         return
     fix = "set fewer training.rounds or sampling.round_prompts: all"

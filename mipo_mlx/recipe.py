@@ -133,6 +133,10 @@ class SamplingConfig:
         "the model's size, the answer length and the memory (the same answers at any batch size).",
         min=1, max=LARGEST_BATCH,
     )
+    echo_pairs: bool = _field(
+        False, "Also make, for each prompt with a context, a pair whose rejected answer is that context itself and "
+        "whose chosen answer is the prompt's own (strategy 'echo', nothing to generate): maximizing PMI alone rewards "
+        "answers that copy the context, and this pair counters it.")
     drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
     drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")

@@ -399,9 +399,9 @@ class MipoRecord:
     (None: not recorded, and not written back).
     """
 
-    id: str | None = None  # the pair, "PROMPT_ID#J": the J-th of sampling.negatives_per_prompt for the prompt
+    id: str | None = None  # the pair, "PROMPT_ID#J": the J-th of sampling.negatives_per_prompt; "PROMPT_ID#echo"
     prompt_id: str | None = None  # the prompt's id in data.train; the held-out split keeps a prompt's pairs together
-    strategy: str | None = None  # sampling.negative: random_prompt, drop_context or swap_context
+    strategy: str | None = None  # sampling.negative (random_prompt, drop_context, swap_context), or echo
     negative_source: str | None = None  # where the rejected answer's prompt came from, for people to read
     negative_prompt: Messages | None = None  # x': the messages the rejected answer was generated for
     # {"chosen", "rejected"}: log p_base(answer | prompt), summed over the answer's tokens, both given `prompt`

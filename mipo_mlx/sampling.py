@@ -7,6 +7,9 @@ the model's answer to a different prompt x' (recipe `sampling.negative`):
 - random_prompt: another prompt of the set, by a seeded derangement (never x itself);
 - drop_context: the same question with the user's context left out;
 - swap_context: the same question with another user's context (never an identical one).
+With sampling.echo_pairs each prompt with a context also gets a pair whose rejected
+answer is that context itself (strategy "echo"): the answer that PMI with the context
+favours most, which a model trained on PMI alone learns to give.
 Both are stored as answers to the full prompt x, with log p_base(answer | x) summed over
 answer tokens (scoring.score_pairs: chat.encode_answer and scoring.pair_logprobs,
 exactly what the trainer uses), so DPO needs no reference model. The pairs go to
@@ -49,10 +52,11 @@ from mipo_mlx.seeds import derived_seed
 
 @dataclass
 class Request:
-    """One answer to generate: a prompt's messages."""
+    """One answer to a prompt's messages: generated, or given (`text`, an echo pair's rejected answer)."""
 
     id: str
     messages: list[dict]
+    text: str | None = None
 
 
 @dataclass
@@ -62,6 +66,7 @@ class PairPlan:
     chosen: Request
     rejected: Request
     negative_source: str
+    strategy: str
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:
@@ -73,9 +78,10 @@ def derangement(n: int, rng: random.Random) -> list[int]:
             return order
 
 
-def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) -> list[PairPlan]:
-    """Every pair to make, in one canonical order."""
-    check_negatives(records, strategy)
+def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int,
+               echo_pairs: bool = False) -> list[PairPlan]:
+    """Every pair to make, in one canonical order: each prompt's k pairs, then its echo pair."""
+    check_negatives(records, strategy, echo_pairs)
     contexts = sorted({r.context for r in records if r.context})
     positives = {r.id: Request(f"{r.id}/chosen", r.messages()) for r in records}
     pairs = []
@@ -95,7 +101,10 @@ def plan_pairs(records: list[PromptRecord], strategy: str, k: int, seed: int) ->
                 owner = next(r.id for r in records if r.context == context)
                 negative = Request(f"{record.id}/context-of/{owner}/{j}", record.messages(context=context))
                 source = f"context of {owner}"
-            pairs.append(PairPlan(f"{record.id}#{j}", record, positives[record.id], negative, source))
+            pairs.append(PairPlan(f"{record.id}#{j}", record, positives[record.id], negative, source, strategy))
+        if echo_pairs and record.context:
+            echo = Request(f"{record.id}/echo", record.messages(), text=record.context)
+            pairs.append(PairPlan(f"{record.id}#echo", record, positives[record.id], echo, "its own context", "echo"))
     return pairs
 
 
@@ -122,8 +131,9 @@ class StreamedAnswers:
 
     def __init__(self, loaded, requests: list[Request], settings: SamplerSettings, seed: int, batch_size: int | None,
                  known: dict[str, Answer]):
-        self.loaded, self.answers = loaded, dict(known)
-        self.todo = list({r.id: r for r in requests if r.id not in known}.values())  # canonical order, no repeats
+        self.loaded = loaded
+        self.answers = {**known, **{r.id: Answer(r.text, [], "stop") for r in requests if r.text is not None}}
+        self.todo = list({r.id: r for r in requests if r.id not in self.answers}.values())  # canonical order, no repeats
         self.generated_answers = 0
         model, tokenizer = loaded.model, loaded.tokenizer
         prompts = [encode_prompt(tokenizer, r.messages) for r in self.todo]
@@ -150,7 +160,7 @@ def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[flo
         mipo=MipoRecord(
             id=plan.id,
             prompt_id=plan.record.id,
-            strategy=sampling.negative,
+            strategy=plan.strategy,
             negative_source=plan.negative_source,
             negative_prompt=plan.rejected.messages,
             ref_logps={"chosen": logps[0], "rejected": logps[1]},
@@ -212,7 +222,7 @@ def run_stage(run, load_model) -> dict:
     seed = round_seed(recipe.seed, run.round)
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     records = round_prompts(records, run.round, recipe.training.rounds, sampling.round_prompts)
-    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed)
+    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed, sampling.echo_pairs)
     pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
     written = {pair.mipo.id: pair for pair in distributed.pairs_from_main(lambda: pairs_file.written.values())}
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]

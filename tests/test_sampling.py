@@ -19,6 +19,7 @@ from mipo_mlx.loading import load_recipe_model
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import parse_recipe
 from mipo_mlx.rundir import MipoRecord, Pair, PairsWriter, open_run
+from mipo_mlx.scoring import score_answers
 
 PROFILES = [
     ("I live in Paris and I answer in French.", "What should I cook tonight?"),
@@ -249,6 +250,40 @@ def test_pairs_whose_chosen_answer_copies_its_context_are_dropped_when_asked(cho
     pair = Pair(prompt, chosen, "Go for a run.", MipoRecord(finish={"chosen": "stop", "rejected": "stop"}))
     assert sampling.drop_reason(pair, settings) == reason
     assert sampling.drop_reason(pair, parse_recipe("").sampling) is None  # off by default
+
+
+def test_echo_pairs_reject_the_context_itself_beside_the_prompt_own_pairs(tmp_path, tiny_model_dirs, prompts_file):
+    model_dir = tiny_model_dirs[("llama", False)]
+    plain_run = make_run(tmp_path, model_dir, prompts_file, name="plain")
+    run_stages(plain_run, ["sample"])
+    plain = {p["mipo"]["id"]: p for p in read_pairs(plain_run)}
+    run = make_run(tmp_path, model_dir, prompts_file, "sampling.echo_pairs=true", name="echo")
+    summary = run_stages(run, ["sample"])["sample"]
+    pairs = read_pairs(run)
+    echoes = [p for p in pairs if p["mipo"]["strategy"] == "echo"]
+    assert summary["pairs"] == len(pairs) == 2 * len(PROFILES) and len(echoes) == len(PROFILES)
+    contexts = {f"r{i}": c for i, (c, q) in enumerate(PROFILES)}
+    loaded = load_recipe_model(run.recipe.model)
+    for pair in echoes:
+        prompt_id = pair["mipo"]["prompt_id"]
+        assert pair["mipo"]["id"] == f"{prompt_id}#echo" and pair["rejected"][0]["content"] == contexts[prompt_id]
+        assert pair["chosen"] == plain[f"{prompt_id}#0"]["chosen"]  # the prompt's own answer, as in its pair
+        (logp,), _ = score_answers(loaded.model, loaded.tokenizer, [(pair["prompt"], contexts[prompt_id])])
+        assert pair["mipo"]["ref_logps"]["rejected"] == pytest.approx(logp, abs=1e-4)
+    # The prompts' own pairs are what they are without echo pairs.
+    for pair in pairs:
+        if pair["mipo"]["strategy"] != "echo":
+            mine = plain[pair["mipo"]["id"]]
+            assert (pair["chosen"], pair["rejected"]) == (mine["chosen"], mine["rejected"])
+            assert pair["mipo"]["ref_logps"] == pytest.approx(mine["mipo"]["ref_logps"], abs=1e-4)
+
+    no_context = tmp_path / "plain.jsonl"
+    no_context.write_text('{"prompt": "Hi there"}\n{"prompt": "Hello again"}\n')
+    run = make_run(tmp_path, model_dir, no_context, "sampling.echo_pairs=true", "sampling.negative=random_prompt",
+                   name="none")
+    with pytest.raises(UserError, match="echo pairs need prompts with a context") as error:
+        run_stages(run, ["sample"])
+    assert error.value.key == "sampling.echo_pairs"
 
 
 def test_strategies_that_need_contexts_say_so(tmp_path, tiny_model_dirs):
