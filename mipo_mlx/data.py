@@ -272,6 +272,11 @@ def round_prompts(records: list[PromptRecord], number: int, rounds: int, mode: s
     return records[number - 1 :: rounds] if mode == "split" else records
 
 
+def echoes_in(sampling, number: int) -> bool:
+    """Whether round `number`'s pairs include echo pairs (sampling.echo_pairs, from sampling.echo_from_round on)."""
+    return sampling.echo_pairs and number >= sampling.echo_from_round
+
+
 def check_negatives(records: list[PromptRecord], strategy: str, echo_pairs: bool = False) -> None:
     """Whether `records` can give the negatives of `strategy` (sampling.negative) and, if asked, echo pairs; a
     UserError says why not.

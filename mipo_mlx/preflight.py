@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mipo_mlx.data import check_negatives, read_prompt_file, round_prompts
+from mipo_mlx.data import check_negatives, echoes_in, read_prompt_file, round_prompts
 from mipo_mlx.errors import UserError, read_user_text, rekeyed
 from mipo_mlx.files import safetensors_header
 from mipo_mlx.gguf_file import read_gguf_header
@@ -106,8 +106,8 @@ def preflight(recipe, *, resume: bool | None, stages: list[str], run_folder: boo
 def check_round_prompts(train: list, recipe) -> None:
     """Whether every round's prompts (all of them, or its part of sampling.round_prompts: split) give its negatives."""
     rounds, mode, negative = recipe.training.rounds, recipe.sampling.round_prompts, recipe.sampling.negative
-    check_negatives(train, negative, recipe.sampling.echo_pairs)
     if mode != "split" or rounds == 1:
+        check_negatives(train, negative, echoes_in(recipe.sampling, rounds))
         return
     fix = "set fewer training.rounds or sampling.round_prompts: all"
     if len(train) < rounds:
@@ -116,7 +116,7 @@ def check_round_prompts(train: list, recipe) -> None:
     for number in range(1, rounds + 1):
         part = round_prompts(train, number, rounds, mode)
         try:
-            check_negatives(part, negative)
+            check_negatives(part, negative, echoes_in(recipe.sampling, number))
         except UserError as error:
             raise UserError(f"split gives round {number} of {rounds} {len(part)} of the {len(train)} training prompts, "
                             f"and {error.message}; {fix}", key="sampling.round_prompts") from None

@@ -135,8 +135,13 @@ class SamplingConfig:
     )
     echo_pairs: bool = _field(
         False, "Also make, for each prompt with a context, a pair whose rejected answer is that context itself and "
-        "whose chosen answer is the prompt's own (strategy 'echo', nothing to generate): maximizing PMI alone rewards "
-        "answers that copy the context, and this pair counters it.")
+        "whose chosen answer is the prompt's own (strategy 'echo', nothing to generate), from round "
+        "echo_from_round on: maximizing PMI alone rewards answers that copy the context, and this pair counters it.")
+    echo_from_round: int = _field(
+        1, "With echo_pairs, the first round (training.rounds, at most 100) that makes them: copying the context "
+        "starts in round 2, and echo pairs in round 1 take most of what the run learns (README, Choosing the "
+        "defaults).",
+        min=1, max=100)
     drop_identical: bool = _field(False, "Drop pairs whose chosen and rejected answers are equal.")
     drop_empty: bool = _field(False, "Drop pairs with an empty answer.")
     drop_truncated: bool = _field(False, "Drop pairs with an answer cut by max_tokens.")
@@ -316,6 +321,11 @@ class Recipe:
                        min=0, max=2**32 - 1)
 
     def __post_init__(self):
+        sampling, rounds = self.sampling, self.training.rounds
+        if sampling.echo_pairs and sampling.echo_from_round > rounds:
+            raise UserError(f"echo pairs from round {sampling.echo_from_round} need that many rounds, and "
+                            f"training.rounds is {rounds}; set sampling.echo_from_round to at most {rounds} or more "
+                            "training.rounds", key="sampling.echo_from_round")
         name = self.run_name
         if name is not None and (Path(name).name != name or name in (".", "..")):
             raise UserError(f"expected the name of one folder inside output_dir, such as quickstart, got {name!r}",

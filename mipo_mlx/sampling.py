@@ -8,8 +8,9 @@ the model's answer to a different prompt x' (recipe `sampling.negative`):
 - drop_context: the same question with the user's context left out;
 - swap_context: the same question with another user's context (never an identical one).
 With sampling.echo_pairs each prompt with a context also gets a pair whose rejected
-answer is that context itself (strategy "echo"): the answer that PMI with the context
-favours most, which a model trained on PMI alone learns to give.
+answer is that context itself (strategy "echo"), in the rounds from sampling.echo_from_round
+on: the answer that PMI with the context favours most, which a model trained on PMI alone
+learns to give.
 Both are stored as answers to the full prompt x, with log p_base(answer | x) summed over
 answer tokens (scoring.score_pairs: chat.encode_answer and scoring.pair_logprobs,
 exactly what the trainer uses), so DPO needs no reference model. The pairs go to
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_prompt
-from mipo_mlx.data import PromptRecord, check_negatives, context_of, read_prompts, round_prompts
+from mipo_mlx.data import PromptRecord, check_negatives, context_of, echoes_in, read_prompts, round_prompts
 from mipo_mlx.generation import Answer, BatchDecoder, SamplerSettings, auto_batch_size
 from mipo_mlx.lora import use_adapter
 from mipo_mlx.metrics import echoed_words, repetition_loop, self_bleu
@@ -222,7 +223,7 @@ def run_stage(run, load_model) -> dict:
     seed = round_seed(recipe.seed, run.round)
     records = read_prompts(recipe.data.train, recipe.data.format, recipe.data.on_bad_line)[: recipe.data.max_prompts]
     records = round_prompts(records, run.round, recipe.training.rounds, sampling.round_prompts)
-    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed, sampling.echo_pairs)
+    plans = plan_pairs(records, sampling.negative, sampling.negatives_per_prompt, seed, echoes_in(sampling, run.round))
     pairs_file = PairsWriter(run.path(PAIRS_FILE)) if distributed.is_main() else None
     written = {pair.mipo.id: pair for pair in distributed.pairs_from_main(lambda: pairs_file.written.values())}
     groups = [plans[start : start + SCORING_PAIRS] for start in range(0, len(plans), SCORING_PAIRS)]

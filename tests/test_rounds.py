@@ -210,6 +210,37 @@ def test_split_rounds_sample_and_train_on_every_prompt_once(tmp_path, tiny_model
     assert trained == [len(ids) // 2] * 2
 
 
+def test_echo_pairs_from_round_2_leave_round_1_as_it_was(tmp_path, tiny_model_dirs):
+    recipe = write_recipe(tmp_path, tiny_model_dirs[("llama", False)], tmp_path / "runs")
+    split = ["--set", "training.rounds=2", "--set", "sampling.round_prompts=split"]
+    assert cli.main(["train", str(recipe), "--set", "run_name=plain", *split]) == 0
+    assert cli.main(["train", str(recipe), "--set", "run_name=echo", *split, "--set", "sampling.echo_pairs=true",
+                     "--set", "sampling.echo_from_round=2"]) == 0
+    plain, echo = tmp_path / "runs" / "plain", tmp_path / "runs" / "echo"
+    assert (echo / "pairs.jsonl").read_bytes() == (plain / "pairs.jsonl").read_bytes()
+    second = read_pairs(echo / "rounds" / "2" / "pairs.jsonl")
+    echoes = [p for p in second if p.mipo.strategy == "echo"]
+    prompts = [p.mipo.prompt_id for p in second if p.mipo.strategy != "echo"]
+    assert [p.mipo.prompt_id for p in echoes] == prompts  # one for each of round 2's prompts, all with a context
+    assert all(p.rejected_text == p.prompt_messages()[0]["content"] for p in echoes)
+    own = read_pairs(plain / "rounds" / "2" / "pairs.jsonl")
+    assert [(p.chosen_text, p.rejected_text) for p in second if p.mipo.strategy != "echo"] == \
+        [(p.chosen_text, p.rejected_text) for p in own]
+
+
+def test_echo_pairs_from_a_round_the_run_does_not_have_are_one_line_and_exit_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'runs'}\nsampling:\n  echo_pairs: true\n  echo_from_round: 3\n"
+                      "training:\n  rounds: 2\n")
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.cli", "train", str(recipe)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"mipo-mlx: error: {recipe}: sampling.echo_from_round: echo pairs from round 3 need that many rounds, and "
+        "training.rounds is 2; set sampling.echo_from_round to at most 2 or more training.rounds"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["r.yaml"]
+
+
 @pytest.mark.parametrize("rounds, negative, problem", [
     (13, "random_prompt", "round 12 of 13 1 of the 24 training prompts, and the random_prompt negative needs at "
                           "least 2 prompts"),
