@@ -49,8 +49,11 @@ YARDSTICKS = {
                          "eval.max_prompts": 48}, "adherence/overall"),
     "personalization2": ({"data.train": "bundled:personalization2/train",
                           "data.test": "bundled:personalization2/test", "eval.max_prompts": 84}, "adherence/overall"),
+    # Math prompts have no context: no echo pairs (which reject a prompt's context) and another prompt's answer as
+    # the negative.
     "reasoning": ({"data.train": "bundled:math/train", "data.test": "bundled:math/test", "eval.max_prompts": 60,
-                   "sampling.negative": "random_prompt", "sampling.max_tokens": 128, "eval.max_tokens": 128},
+                   "sampling.negative": "random_prompt", "sampling.echo_pairs": "false", "sampling.max_tokens": 128,
+                   "eval.max_tokens": 128},
                   "accuracy/math"),
 }
 SAMPLING_SECTIONS = ("model", "sampling")

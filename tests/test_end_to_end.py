@@ -22,13 +22,14 @@ def test_quickstart_runs_offline_and_writes_every_artifact(tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "quickstart"
-    # Two rounds, each on every other prompt (sampling.round_prompts: split): each of the 8 prompts once.
+    # Two rounds, each on every other prompt (sampling.round_prompts: split): each of the 8 prompts once; in round 2
+    # each also has its echo pair (sampling.echo_from_round).
     rounds = [[json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
               for folder in (run, run / "rounds" / "2")]
-    assert [len(pairs) for pairs in rounds] == [4, 4]
+    assert [[p["mipo"]["strategy"] for p in pairs] for pairs in rounds] == [["swap_context"] * 4,
+                                                                           ["swap_context", "echo"] * 4]
     assert len({p["mipo"]["prompt_id"] for pairs in rounds for p in pairs}) == 8
-    pairs = rounds[0] + rounds[1]
-    assert all(p["mipo"]["strategy"] == "swap_context" and p["mipo"]["model"] == "smollm2-135m" for p in pairs)
+    assert all(p["mipo"]["model"] == "smollm2-135m" for pairs in rounds for p in pairs)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[-1] == {**events[-1], "event": "run_finished", "status": "completed"}
     first = next(e for e in events if e["event"] == "metrics" and e["split"] == "train")
