@@ -213,9 +213,9 @@ def step_flops(shape: dict, blocks: list[tuple[int, int, int]], head_positions: 
 
 def our_blocks(batch: tuple) -> tuple[list[tuple[int, int, int]], int]:
     """step_flops' blocks and head positions for one of our collated batches."""
-    if len(batch) == 4:  # each prompt once, then both answers after it (scoring.pair_logprobs)
-        (pairs, prompt), (rows, answer) = batch[0].shape, batch[2].shape
-        return [(pairs, prompt, prompt), (rows, answer, prompt + answer)], rows * answer
+    if len(batch) == 5:  # each distinct prompt once, then each distinct answer after it (scoring.pair_logprobs)
+        (prompts, prompt), (rows, answer) = batch[0].shape, batch[2].shape
+        return [(prompts, prompt, prompt), (rows, answer, prompt + answer)], rows * answer
     (rows, width), scored = batch[0].shape, batch[1].shape[1]  # whole sequences, the head on the last targets
     return [(rows, width - 1, width - 1)], rows * scored
 

@@ -2,18 +2,19 @@
 
     tokens, mask = pad_batch([ids_a, ids_b], [start_a, start_b], pad_id)
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
-    logps = pair_logprobs(model, *pad_pairs(prompts, chosen + rejected, pad_id))  # (2B,)
+    logps = pair_logprobs(model, *pad_pairs(*pair_rows(pairs)[:3], pad_id))  # (A,): each distinct answer once
     logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
     logps, counts = score_pairs(model, tokenizer, [(messages, chosen, rejected), ...])  # (chosen, rejected) floats
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
 score_answers (the reference pass of pairs without one before training, compare's rewards)
-runs the vocabulary head on the answer positions only (window_logprobs); score_pairs (the
-reference pass at sampling time) runs each prompt once for both answers; answer_logprobs scores whole sequences for the trainer and export's
-checks. The DPO step scores pairs with pair_logprobs, which runs each
-prompt once for both its answers, where the model allows it: the same log-probs up to
-float rounding (the trainer's first-step check holds them to the stored reference). A
-mask may cover only the last targets: the vocabulary head then skips the prompt
+runs the vocabulary head on the answer positions only (window_logprobs); answer_logprobs
+scores whole sequences for the trainer and export's checks. score_pairs (the reference pass
+at sampling time) and the DPO step score pairs with pair_logprobs where the model allows it:
+each distinct prompt runs once for all its answers and each distinct answer once for all its
+pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), the same
+log-probs up to float rounding (the trainer's first-step check holds them to the stored
+reference). A mask may cover only the last targets: the vocabulary head then skips the prompt
 positions before it, which score nothing anyway.
 """
 
@@ -48,11 +49,11 @@ def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int)
     return mx.array(tokens), mx.array(mask)
 
 
-def pad_pairs(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
-    """B prompts and their 2B answers (chosen answers, then rejected ones), as pair_logprobs takes them.
+def pad_pairs(prompts: list[list[int]], answers: list[list[int]], answer_prompts: list[int], pad_id: int):
+    """P prompts and A answers, answer a after prompt answer_prompts[a], as pair_logprobs takes them.
 
-    Returns prompts left-padded (B, P), their left padding (B,), answers right-padded (2B, A)
-    and the mask of their tokens (2B, A).
+    Returns prompts left-padded (P, W), their left padding (P,), answers right-padded (A, L),
+    the prompt row of each answer (A,) and the mask of the answers' tokens (A, L).
     """
     width, length = padded_width(prompts), padded_width(answers)
     left = np.array([width - len(p) for p in prompts], dtype=np.int32)
@@ -64,7 +65,29 @@ def pad_pairs(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
     for row, ids in enumerate(answers):
         padded_answers[row, : len(ids)] = ids
         mask[row, : len(ids)] = 1.0
-    return mx.array(padded_prompts), mx.array(left), mx.array(padded_answers), mx.array(mask)
+    return (mx.array(padded_prompts), mx.array(left), mx.array(padded_answers),
+            mx.array(np.array(answer_prompts, dtype=np.int32)), mx.array(mask))
+
+
+def pair_rows(pairs: list[tuple[list[int], list[int], list[int]]]):
+    """(prompt, chosen, rejected) token ids of B pairs as pad_pairs takes them, each distinct prompt and each
+    distinct answer to it once: the chosen answers first, then the rejected ones, in pair order.
+
+    Returns prompts, answers, answer_prompts and the rows of each pair's (chosen, rejected) answers
+    (B, 2). Pairs that share a prompt and an answer (k negatives of one prompt, an echo pair beside
+    its prompt's pair) run them once; B pairs that share nothing are B prompts and 2B answers.
+    """
+    prompts, answers, answer_prompts = {}, {}, []
+    index = np.zeros((len(pairs), 2), dtype=np.int32)
+    for side in (0, 1):
+        for n, (prompt_ids, *answer_ids) in enumerate(pairs):
+            prompt = prompts.setdefault(tuple(prompt_ids), len(prompts))
+            key = (prompt, tuple(answer_ids[side]))
+            if key not in answers:
+                answers[key] = len(answers)
+                answer_prompts.append(prompt)
+            index[n, side] = answers[key]
+    return [list(p) for p in prompts], [list(a) for _, a in answers], answer_prompts, index
 
 
 def plain_head(model):
@@ -163,8 +186,8 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tupl
 def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]) -> tuple[list[tuple[float, float]], list[dict]]:
     """log p(chosen | messages) and log p(rejected | messages) for (messages, chosen, rejected) items, and token counts.
 
-    Each prompt runs once for both its answers (pair_logprobs, as the DPO step scores them)
-    where shares_prompts allows it; otherwise score_answers. Counts: {"prompt", "chosen", "rejected"}.
+    Each distinct prompt and answer runs once (pair_rows and pair_logprobs, as the DPO step scores
+    them) where shares_prompts allows it; otherwise score_answers. Counts: {"prompt", "chosen", "rejected"}.
     """
     encoded = [[encode_answer(tokenizer, messages, answer) for answer in (chosen, rejected)]
                for messages, chosen, rejected in items]
@@ -175,13 +198,12 @@ def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]) -> t
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logps = []
     for start in range(0, len(encoded), SCORING_ROWS // 2):
-        chunk = encoded[start : start + SCORING_ROWS // 2]
-        prompts = [c[0][: c[1]] for c, _ in chunk]
-        answers = [c[0][c[1] :] for c, _ in chunk] + [r[0][r[1] :] for _, r in chunk]
-        values = pair_logprobs(model, *pad_pairs(prompts, answers, pad_id))  # (2B,): chosen rows, then rejected
+        chunk = [(c[0][: c[1]], c[0][c[1] :], r[0][r[1] :]) for c, r in encoded[start : start + SCORING_ROWS // 2]]
+        prompts, answers, answer_prompts, index = pair_rows(chunk)
+        values = pair_logprobs(model, *pad_pairs(prompts, answers, answer_prompts, pad_id))  # (A,)
         mx.eval(values)
         values = values.tolist()
-        logps += list(zip(values[: len(chunk)], values[len(chunk) :]))
+        logps += [(values[c], values[r]) for c, r in index.tolist()]
     return logps, counts
 
 
@@ -191,50 +213,48 @@ def shares_prompts(model) -> bool:
 
 
 class SharedPromptCache:
-    """A layer's cache, as mlx-lm's attention uses one: B left-padded prompts, then their 2B answers.
+    """A layer's cache, as mlx-lm's attention uses one: P left-padded prompts, then A answers, each after one of them.
 
-    The first pass (the prompts) keeps its keys and values; in the second, answer rows b and
-    B + b both attend to prompt b's, then causally to their own. Positions count from each
+    The first pass (the prompts) keeps its keys and values; in the second, answer row a
+    attends to those of prompt rows[a], then causally to its own. Positions count from each
     prompt's first real token. No query attends to padding, except a padding query to itself
     (an attention row with nothing to attend to would be NaN).
     """
 
-    def __init__(self, left_padding: mx.array):
-        self.left_padding = left_padding
+    def __init__(self, left_padding: mx.array, rows: mx.array):
+        self.left_padding, self.rows = left_padding, rows
         self.offset = -left_padding  # the rotary position of each row's first column
         self.keys = self.values = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.keys is None:
             self.keys, self.values = keys, values
-            self.offset = mx.concatenate([keys.shape[2] - self.left_padding] * 2)
+            self.offset = (keys.shape[2] - self.left_padding)[self.rows]
             return keys, values
-
-        def after_prompt(prompt, answer):
-            return mx.concatenate([mx.concatenate([prompt, prompt]), answer], axis=2)
-
-        return after_prompt(self.keys, keys), after_prompt(self.values, values)
+        return (mx.concatenate([self.keys[self.rows], keys], axis=2),
+                mx.concatenate([self.values[self.rows], values], axis=2))
 
     def make_mask(self, n: int, **kwargs) -> mx.array:
         queries, left = mx.arange(n)[:, None], self.left_padding[:, None, None, None]
         if self.keys is None:
             keys = mx.arange(n)[None]
-            return ((keys >= left) & (keys <= queries)) | (keys == queries)  # (B, 1, P, P)
+            return ((keys >= left) & (keys <= queries)) | (keys == queries)  # (P, 1, W, W)
         width = self.keys.shape[2]
         keys = mx.arange(width + n)[None]
-        return mx.where(keys < width, keys >= mx.concatenate([left, left]), keys - width <= queries)  # (2B, 1, A, P + A)
+        return mx.where(keys < width, keys >= left[self.rows], keys - width <= queries)  # (A, 1, L, W + L)
 
 
-def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, answers: mx.array, mask: mx.array) -> mx.array:
-    """Summed answer log-probs of B pairs, chosen rows then rejected rows: (2B,). Arrays from pad_pairs.
+def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, answers: mx.array, rows: mx.array,
+                  mask: mx.array) -> mx.array:
+    """Summed log-probs of A answers, each after its prompt: (A,). Arrays from pad_pairs.
 
-    The mask may be weights, or a stack of them (K, 2B, A): then the K weighted sums, (K, 2B).
+    The mask may be weights, or a stack of them (K, A, L): then the K weighted sums, (K, A).
 
-    Each prompt goes through the model once for both its answers (the 2B answers in one
-    pass), where whole sequences would take it twice: with prompts half of a sequence, a
-    quarter fewer positions. For models where shares_prompts is true.
+    Each prompt goes through the model once for all its answers (the A answers in one pass),
+    where whole sequences would take it once per answer: with prompts half of a sequence, a
+    pair costs a quarter fewer positions. For models where shares_prompts is true.
     """
-    caches = [SharedPromptCache(left_padding) for _ in model.layers]
-    last = model.model(prompts, cache=caches)[:, -1:]  # (B, 1, D): what predicts each answer's first token
-    hidden = mx.concatenate([mx.concatenate([last, last]), model.model(answers, cache=caches)[:, :-1]], axis=1)
+    caches = [SharedPromptCache(left_padding, rows) for _ in model.layers]
+    last = model.model(prompts, cache=caches)[:, -1:]  # (P, 1, D): what predicts each answer's first token
+    hidden = mx.concatenate([last[rows], model.model(answers, cache=caches)[:, :-1]], axis=1)  # (A, L, D)
     return (head_logprobs(plain_head(model), hidden, answers) * mask).sum(axis=-1)

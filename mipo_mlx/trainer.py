@@ -90,6 +90,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx_lm.models import activations
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -110,7 +111,8 @@ from mipo_mlx.rundir import (
     no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
 )
 from mipo_mlx.scoring import (
-    PAD_MULTIPLE, SCORING_ROWS, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, score_answers, shares_prompts,
+    PAD_MULTIPLE, SCORING_ROWS, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, pair_rows, score_answers,
+    shares_prompts,
 )
 from mipo_mlx.seeds import derived_seed
 
@@ -175,31 +177,46 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
 
 
 def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
-    """Indices bucketed by length so a batch pads little."""
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    """Indices bucketed by length so a batch pads little, the pairs of one prompt and chosen answer side by side (a
+    prompt's k negatives, an echo pair beside its prompt's own pair) so that a batch runs their shared part once."""
+    groups = {}
+    for i, e in enumerate(examples):
+        groups.setdefault((e.prompt_id, tuple(e.chosen[0])), []).append(i)
+    ordered = sorted(groups.values(), key=lambda group: max(examples[i].length for i in group))
+    order = [i for group in ordered for i in group]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool):
-    """A batch as batch_logprobs takes it (chosen rows, then rejected rows), refs (B, 2), real tokens (an int).
+def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool, distinct: bool = True):
+    """A batch as batch_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), refs (B, 2),
+    real tokens (an int: both whole sequences of every pair).
 
-    shared_prompts: pad_pairs' arrays, each prompt once. Otherwise whole sequences, tokens
-    (2B, T) and a mask (2B, W) over the last W targets, from the batch's first answer token
-    (rounded down so that few shapes compile): the vocabulary head skips the prompt before it.
+    shared_prompts: pad_pairs' arrays, each distinct prompt and answer once (pair_rows), or with
+    distinct False each pair's own two answers (what ld_alpha's per-pair weights need).
+    Otherwise whole sequences, tokens (2B, T) and a mask (2B, W) over the last W targets, from
+    the batch's first answer token (rounded down so that few shapes compile): the vocabulary
+    head skips the prompt before it.
     """
     rows = [examples[i].chosen for i in indices] + [examples[i].rejected for i in indices]
     refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
     real_tokens = sum(len(ids) for ids, _ in rows)
+    pairs = np.stack([np.arange(len(indices)), len(indices) + np.arange(len(indices))], axis=1)  # (B, 2)
     if shared_prompts:
-        prompts = [examples[i].prompt for i in indices]
-        return pad_pairs(prompts, [ids[start:] for ids, start in rows], pad_id), refs, real_tokens
+        if distinct:
+            prompts, answers, answer_prompts, pairs = pair_rows(
+                [(examples[i].prompt, *(ids[start:] for ids, start in (examples[i].chosen, examples[i].rejected)))
+                 for i in indices])
+        else:
+            prompts, answers = [examples[i].prompt for i in indices], [ids[start:] for ids, start in rows]
+            answer_prompts = [n % len(indices) for n in range(len(answers))]
+        return pad_pairs(prompts, answers, answer_prompts, pad_id), mx.array(pairs), refs, real_tokens
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
-    return (tokens, mask[:, first:]), refs, real_tokens
+    return (tokens, mask[:, first:]), mx.array(pairs), refs, real_tokens
 
 
 def batch_logprobs(model, batch: tuple, shared_prompts: bool) -> mx.array:
-    """Summed answer log-probs of a batch collated with the same shared_prompts: (2B,)."""
+    """Summed answer log-probs of the rows of a batch collated with the same shared_prompts: (rows,)."""
     return (pair_logprobs if shared_prompts else answer_logprobs)(model, *batch)
 
 
@@ -302,6 +319,8 @@ class Trainer:
         # Gradient checkpointing recomputes each layer, which would run a shared prompt's cache twice.
         self.shared_prompts = (shares_prompts(model) and not training.grad_checkpoint
                                and same_prompts(train) and same_prompts(held_out))
+        # ld_alpha weighs each pair's answers by the pair's shorter one: no answer row can serve two pairs.
+        self.distinct = training.ld_alpha is None
         self.batches = make_batches(train, training.batch_size)
         steps_per_epoch = math.ceil(len(self.batches) / training.grad_accumulation)
         self.total_steps = steps_per_epoch * training.epochs
@@ -333,11 +352,10 @@ class Trainer:
             refs = []
             for start in range(0, len(indices), self.training.batch_size):
                 batch_indices = indices[start : start + self.training.batch_size]
-                batch, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts)
+                batch, pairs, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts, self.distinct)
                 logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(batch_indices))[-1]),
                                        self.shared_prompts)
-                refs += [list(pair) for pair in zip(*[v.tolist() for v in (logps[: len(batch_indices)],
-                                                                          logps[len(batch_indices):])])]
+                refs += logps[pairs].tolist()
             return refs
 
         self.model.eval()
@@ -355,29 +373,29 @@ class Trainer:
         update_state = [self.model.state, self.optimizer.state]
         self._update = partial(mx.compile, inputs=update_state, outputs=update_state)(self._apply)
 
-    def _loss(self, model, batch, refs):
+    def _loss(self, model, batch, pairs, refs):
         t = self.training
-        mask, half = batch[-1], refs.shape[0]
-        counts = mask.sum(axis=-1)  # (2B,) answer tokens per row
-        logps = batch_logprobs(model, (*batch[:-1], self.weights(mask, half)), self.shared_prompts)  # (K, 2B)
-        pc, pr = logps[-1, :half], logps[-1, half:]  # length-desensitized when training.ld_alpha is set
+        mask = batch[-1]
+        counts = mask.sum(axis=-1)[pairs]  # (B, 2) answer tokens of each pair's answers
+        logps = batch_logprobs(model, (*batch[:-1], self.weights(mask, refs.shape[0])), self.shared_prompts)  # (K, rows)
+        pc, pr = logps[-1, pairs[:, 0]], logps[-1, pairs[:, 1]]  # length-desensitized when training.ld_alpha is set
         losses, chosen_rewards, rejected_rewards = dpo_losses(
-            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:half], counts[half:],
+            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:, 0], counts[:, 1],
             dpop_lambda=t.dpop_lambda,
         )
         loss = losses.mean()
         metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
         if t.nll_weight:
             # TRL's "sft" loss: cross-entropy over all chosen tokens of the batch, not a mean of per-answer means.
-            metrics["nll_loss"] = -logps[0, :half].sum() / counts[:half].sum()
+            metrics["nll_loss"] = -logps[0, pairs[:, 0]].sum() / counts[:, 0].sum()
             loss = loss + t.nll_weight * metrics["nll_loss"]
         metrics["loss"] = loss
         return loss, metrics
 
-    def _loss_and_grad(self, batch, refs):
+    def _loss_and_grad(self, batch, pairs, refs):
         # Traced once per batch shape: the patch is in place while the graph is built.
         with lean_swiglu(self.model):
-            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, batch, refs)
+            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, batch, pairs, refs)
         return metrics, grads
 
     def _apply(self, grads):
@@ -403,8 +421,9 @@ class Trainer:
             # On several ranks each takes its share of the pairs; its per-pair means count by that share.
             mine = distributed.share(indices)
             share = len(mine) / len(indices)
-            batch, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id, self.shared_prompts)
-            metrics, grads = self._grad_step(batch, refs)
+            batch, pairs, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id,
+                                                      self.shared_prompts, self.distinct)
+            metrics, grads = self._grad_step(batch, pairs, refs)
             if share != 1:
                 grads, metrics = tree_map(lambda g: g * share, (grads, metrics))
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
@@ -431,8 +450,8 @@ class Trainer:
             mine = distributed.share(indices)
             if not mine:
                 continue
-            batch, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts)
-            _, metrics = self._loss(self.model, batch, refs)
+            batch, pairs, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts, self.distinct)
+            _, metrics = self._loss(self.model, batch, pairs, refs)
             sums = {k: sums.get(k, 0) + v.item() * len(mine) for k, v in metrics.items()}
         return {k: v / count for k, v in distributed.sum_values(sums).items()}
 
@@ -457,8 +476,9 @@ class Trainer:
         It is the loss at policy == reference: from round 2 on (training.rounds) the adapter does
         not start at zero, and LoRA dropout would make the policy differ from the model that scored.
         """
-        batch, refs, _ = collate(self.train_examples, self.next_micro_batches()[0][0], self.pad_id, self.shared_prompts)
-        _, metrics = self._loss(self.model.eval(), batch, refs)
+        batch, pairs, refs, _ = collate(self.train_examples, self.next_micro_batches()[0][0], self.pad_id,
+                                        self.shared_prompts, self.distinct)
+        _, metrics = self._loss(self.model.eval(), batch, pairs, refs)
         nll = metrics["nll_loss"].item() if "nll_loss" in metrics else 0.0
         return metrics["loss"].item() - self.training.nll_weight * nll
 

@@ -301,8 +301,8 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_undone_after(tmp_pa
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("shared_prompts", [True, False])
 def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, shared_prompts):
-    """Prompts run once per pair or the head on the answer window, the head in slices and swiglu with
-    their own backward passes: the log-probs of whole sequences and autodiff's gradients."""
+    """Prompts and answers run once however many pairs share them, or the head on the answer window, the head in
+    slices and swiglu with their own backward passes: the log-probs of whole sequences and autodiff's gradients."""
     model, tokenizer = tiny_model(arch, quantized=False)
     apply_lora(model, LoraConfig(rank=4)).train()
     mx.random.seed(1)
@@ -313,33 +313,56 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
         return trainer_module.Example(str(n), encode_answer(tokenizer, messages, chosen),
                                       encode_answer(tokenizer, messages, rejected), 0.0, 0.0)
 
-    examples = [example(n, *pair) for n, pair in enumerate(PAIRS)]
-    batch, _, _ = trainer_module.collate(examples, list(range(len(PAIRS))), 0, shared_prompts)
+    # Beside each of the first three pairs an echo pair: its prompt and chosen answer, the context rejected.
+    echoes = [(question, context, chosen, context) for question, context, chosen, _ in PAIRS[:3]]
+    examples = [example(n, *pair) for n, pair in enumerate(PAIRS + echoes)]
+    batch, pairs, _, _ = trainer_module.collate(examples, list(range(len(examples))), 0, shared_prompts)
+    if shared_prompts:  # 8 prompts, 8 chosen answers, 11 rejected ones
+        assert (batch[0].shape[0], batch[2].shape[0]) == (len(PAIRS), 2 * len(PAIRS) + len(echoes))
+        assert pairs[len(PAIRS):, 0].tolist() == pairs[: len(echoes), 0].tolist()
+    else:
+        assert pairs.tolist() == [[n, len(examples) + n] for n in range(len(examples))]
     rows = [e.chosen for e in examples] + [e.rejected for e in examples]
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], 0)
     if not shared_prompts:
         assert batch[1].shape[1] < mask.shape[1]  # the window skips prompt positions
-    weights = mx.random.normal((tokens.shape[0],))
+    weights = mx.random.normal((len(examples), 2))
 
-    def plain(model):
+    def plain(model):  # (B, 2): each pair's chosen and rejected answer, whole sequences one by one
         logits = model(tokens[:, :-1])
         logps = mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), tokens[:, 1:, None], axis=-1)
-        return (logps.squeeze(-1) * mask).sum(axis=-1)
+        return (logps.squeeze(-1) * mask).sum(axis=-1).reshape(2, -1).T
 
     def step_logprobs(model):
-        return trainer_module.batch_logprobs(model, batch, shared_prompts)
+        return trainer_module.batch_logprobs(model, batch, shared_prompts)[pairs]
 
-    expected = nn.value_and_grad(model, lambda model: plain(model) @ weights)(model)
+    expected = nn.value_and_grad(model, lambda model: (plain(model) * weights).sum())(model)
     with trainer_module.lean_swiglu(model):
-        got = nn.value_and_grad(model, lambda model: step_logprobs(model) @ weights)(model)
+        got = nn.value_and_grad(model, lambda model: (step_logprobs(model) * weights).sum())(model)
     assert sys.modules[type(model).__module__].swiglu is activations.swiglu  # the patch is undone
     assert mx.allclose(step_logprobs(model), plain(model), atol=1e-4).item()
     assert abs(got[0].item() - expected[0].item()) < 1e-4
     got_grads = dict(tree_flatten(got[1]))
-    # A shared prompt sums both answers' gradients into its keys and values: another float order.
+    # A shared prompt sums its answers' gradients into its keys and values: another float order.
     tolerance = 1e-4 if shared_prompts else 1e-5
     for name, grad in tree_flatten(expected[1]):
         assert mx.abs(got_grads[name] - grad).max().item() <= tolerance * mx.abs(grad).max().item(), name
+
+
+def test_a_batch_takes_the_pairs_of_one_prompt_and_chosen_answer_together_and_runs_them_once():
+    def example(prompt_id, chosen, rejected):
+        return trainer_module.Example(prompt_id, ([1, 2] + chosen, 2), ([1, 2] + rejected, 2), 0.0, 0.0)
+
+    # Each prompt's own pair and its echo pair, of different lengths, and pairs of other lengths between them.
+    examples = []
+    for n in range(6):
+        examples += [example(f"p{n}", [3] * (n + 1), [4] * (9 - n)), example(f"p{n}", [3] * (n + 1), [5])]
+    batches = trainer_module.make_batches(examples, 4)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(examples)))
+    for batch in batches:
+        assert len({examples[i].prompt_id for i in batch}) == 2  # two whole prompts
+        _, pairs, _, _ = trainer_module.collate(examples, batch, 0, shared_prompts=True)
+        assert len(set(pairs[:, 0].tolist())) == 2  # two chosen answers, each scored once for both its pairs
 
 
 def test_held_out_pairs_are_whole_prompts_chosen_by_seed():
@@ -427,8 +450,9 @@ def test_length_desensitization_reweights_policy_and_reference_alike():
 def test_the_nll_term_is_the_mean_over_all_chosen_tokens_of_the_batch():
     trainer, _ = ld_trainer(None, nll_weight=1.0)
     indices = trainer.next_micro_batches()[0][0]
-    batch, refs, _ = trainer_module.collate(trainer.train_examples, indices, trainer.pad_id, trainer.shared_prompts)
-    _, metrics = trainer._loss(trainer.model, batch, refs)
+    batch, pairs, refs, _ = trainer_module.collate(trainer.train_examples, indices, trainer.pad_id,
+                                                   trainer.shared_prompts)
+    _, metrics = trainer._loss(trainer.model, batch, pairs, refs)
     model = trainer.model
     chosen = [trainer.train_examples[i].chosen for i in indices]
     total, count = 0.0, 0
