@@ -150,13 +150,13 @@ def read_examples(work: Path) -> list[Example]:
 
 def step_batches(examples: list[Example], batch_size: int, steps: int) -> list[list[int]]:
     """The pair indices of each step, as our trainer takes them (grad_accumulation 1)."""
-    batches = make_batches(examples, batch_size)
+    batches = make_batches(examples, batch_size, whole_groups=False)
     return [batches[epoch_order(len(batches), SEED, s // len(batches))[s % len(batches)]] for s in range(steps)]
 
 
 def warmup_steps(examples: list[Example], batch_size: int) -> int:
     """One pass over the batches: every batch shape compiled before the clock starts."""
-    return len(make_batches(examples, batch_size))
+    return len(make_batches(examples, batch_size, whole_groups=False))
 
 
 def blas_threads() -> int:

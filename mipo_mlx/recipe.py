@@ -182,8 +182,10 @@ class LoraConfig:
 
 @dataclass
 class TrainingConfig:
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = _field(
-        "sigmoid", "DPO loss: sigmoid (the paper's), ipo, hinge or robust (conservative smoothing)."
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "infonce"] = _field(
+        "sigmoid", "DPO loss: sigmoid (the paper's), ipo, hinge or robust (conservative smoothing), each per pair; or "
+        "infonce, each prompt's chosen answer against all its negatives at once (sampling.negatives_per_prompt, and "
+        "its echo pair's context): -log softmax of the implicit rewards at the chosen answer."
     )
     beta: float = _field(0.1, "DPO beta: strength of the pull towards the reference.", greater_than=0.0)
     label_smoothing: float = _field(
@@ -209,7 +211,8 @@ class TrainingConfig:
         None, "Stop after this many optimizer steps (at most 1000000; local runs take thousands).",
         min=1, max=MOST_ITEMS,
     )
-    batch_size: int = _field(4, "Pairs per micro-batch (at most 4096 pairs in one forward pass).",
+    batch_size: int = _field(4, "Pairs per micro-batch, a prompt's pairs in one batch where they fit (with infonce "
+                             "a prompt with more is a batch of its own); at most 4096 pairs in one forward pass.",
                              min=1, max=LARGEST_BATCH)
     grad_accumulation: int = _field(1, "Micro-batches per optimizer step (at most 4096, as batch_size).",
                                     min=1, max=LARGEST_BATCH)
@@ -246,6 +249,12 @@ class TrainingConfig:
         min=1, max=100)
 
     def __post_init__(self):
+        if self.loss == "infonce":
+            # Each is defined on one pair's margin; InfoNCE has one chosen reward against k negatives.
+            for key, off in (("label_smoothing", 0.0), ("dpop_lambda", 0.0), ("ld_alpha", None)):
+                if getattr(self, key) != off:
+                    raise UserError("applies to the pairwise losses, not to training.loss: infonce; remove it or "
+                                    "set training.loss: sigmoid", key=f"training.{key}")
         if self.select_checkpoint != "last" and not self.eval_fraction:
             raise UserError(f"{self.select_checkpoint} needs held-out pairs; set training.eval_fraction above 0 "
                             "or training.select_checkpoint: last", key="training.select_checkpoint")

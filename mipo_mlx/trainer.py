@@ -98,7 +98,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mipo_mlx import distributed
 from mipo_mlx.chat import encode_answer
 from mipo_mlx.data import context_of
-from mipo_mlx.dpo import dpo_losses, dpo_metrics, initial_loss
+from mipo_mlx.dpo import dpo_losses, dpo_metrics, infonce_losses, initial_loss
 from mipo_mlx.generation import SamplerSettings, generate_answers
 from mipo_mlx.metrics import copies_context, repetition_loop
 from mipo_mlx.errors import UserError
@@ -144,6 +144,11 @@ class Example:
     def prompt(self) -> list[int]:
         return self.chosen[0][: self.chosen[1]]
 
+    @property
+    def group(self) -> tuple:
+        """What the pairs of one prompt and chosen answer share (its k negatives, its echo pair)."""
+        return self.prompt_id, tuple(self.chosen[0])
+
 
 def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> list[Example]:
     """Token ids of both answers (chat.encode_answer) and their reference log-probs."""
@@ -176,20 +181,33 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
     return [e for e in examples if e.prompt_id not in held], [e for e in examples if e.prompt_id in held]
 
 
-def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
-    """Indices bucketed by length so a batch pads little, the pairs of one prompt and chosen answer side by side (a
-    prompt's k negatives, an echo pair beside its prompt's own pair) so that a batch runs their shared part once."""
+def prompt_groups(examples: list[Example], indices) -> list[list[int]]:
+    """The indices grouped by prompt and chosen answer (a prompt's k negatives, an echo pair beside its prompt's own
+    pair), in order of first appearance."""
     groups = {}
-    for i, e in enumerate(examples):
-        groups.setdefault((e.prompt_id, tuple(e.chosen[0])), []).append(i)
-    ordered = sorted(groups.values(), key=lambda group: max(examples[i].length for i in group))
-    order = [i for group in ordered for i in group]
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for i in indices:
+        groups.setdefault(examples[i].group, []).append(i)
+    return list(groups.values())
+
+
+def make_batches(examples: list[Example], batch_size: int, whole_groups: bool) -> list[list[int]]:
+    """Indices bucketed by length so a batch pads little, in batches of whole prompt_groups up to batch_size pairs, so
+    that a batch runs their shared prompt and chosen answer once. A group larger than batch_size is split, unless
+    whole_groups (the infonce loss takes a prompt's negatives at once): then it is a batch of its own."""
+    ordered = sorted(prompt_groups(examples, range(len(examples))), key=lambda g: max(examples[i].length for i in g))
+    batches, batch = [], []
+    for group in ordered:
+        for part in [group] if whole_groups else [group[i : i + batch_size] for i in range(0, len(group), batch_size)]:
+            if batch and len(batch) + len(part) > batch_size:
+                batches.append(batch)
+                batch = []
+            batch = batch + part
+    return batches + [batch] if batch else batches
 
 
 def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool, distinct: bool = True):
-    """A batch as batch_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), refs (B, 2),
-    real tokens (an int: both whole sequences of every pair).
+    """A batch as batch_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), each pair's
+    prompt_groups number (B,), refs (B, 2), real tokens (an int: both whole sequences of every pair).
 
     shared_prompts: pad_pairs' arrays, each distinct prompt and answer once (pair_rows), or with
     distinct False each pair's own two answers (what ld_alpha's per-pair weights need).
@@ -201,6 +219,8 @@ def collate(examples: list[Example], indices: list[int], pad_id: int, shared_pro
     refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
     real_tokens = sum(len(ids) for ids, _ in rows)
     pairs = np.stack([np.arange(len(indices)), len(indices) + np.arange(len(indices))], axis=1)  # (B, 2)
+    numbers = {}
+    group = np.array([numbers.setdefault(examples[i].group, len(numbers)) for i in indices], dtype=np.int32)  # (B,)
     if shared_prompts:
         if distinct:
             prompts, answers, answer_prompts, pairs = pair_rows(
@@ -209,10 +229,10 @@ def collate(examples: list[Example], indices: list[int], pad_id: int, shared_pro
         else:
             prompts, answers = [examples[i].prompt for i in indices], [ids[start:] for ids, start in rows]
             answer_prompts = [n % len(indices) for n in range(len(answers))]
-        return pad_pairs(prompts, answers, answer_prompts, pad_id), mx.array(pairs), refs, real_tokens
+        return pad_pairs(prompts, answers, answer_prompts, pad_id), mx.array(pairs), mx.array(group), refs, real_tokens
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
-    return (tokens, mask[:, first:]), mx.array(pairs), refs, real_tokens
+    return (tokens, mask[:, first:]), mx.array(pairs), mx.array(group), refs, real_tokens
 
 
 def batch_logprobs(model, batch: tuple, shared_prompts: bool) -> mx.array:
@@ -321,7 +341,7 @@ class Trainer:
                                and same_prompts(train) and same_prompts(held_out))
         # ld_alpha weighs each pair's answers by the pair's shorter one: no answer row can serve two pairs.
         self.distinct = training.ld_alpha is None
-        self.batches = make_batches(train, training.batch_size)
+        self.batches = make_batches(train, training.batch_size, whole_groups=training.loss == "infonce")
         steps_per_epoch = math.ceil(len(self.batches) / training.grad_accumulation)
         self.total_steps = steps_per_epoch * training.epochs
         if training.max_steps:
@@ -352,7 +372,8 @@ class Trainer:
             refs = []
             for start in range(0, len(indices), self.training.batch_size):
                 batch_indices = indices[start : start + self.training.batch_size]
-                batch, pairs, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts, self.distinct)
+                batch, pairs, _, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts,
+                                                self.distinct)
                 logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(batch_indices))[-1]),
                                        self.shared_prompts)
                 refs += logps[pairs].tolist()
@@ -373,17 +394,27 @@ class Trainer:
         update_state = [self.model.state, self.optimizer.state]
         self._update = partial(mx.compile, inputs=update_state, outputs=update_state)(self._apply)
 
-    def _loss(self, model, batch, pairs, refs):
+    def _loss(self, model, batch, pairs, group, refs):
         t = self.training
         mask = batch[-1]
         counts = mask.sum(axis=-1)[pairs]  # (B, 2) answer tokens of each pair's answers
         logps = batch_logprobs(model, (*batch[:-1], self.weights(mask, refs.shape[0])), self.shared_prompts)  # (K, rows)
         pc, pr = logps[-1, pairs[:, 0]], logps[-1, pairs[:, 1]]  # length-desensitized when training.ld_alpha is set
-        losses, chosen_rewards, rejected_rewards = dpo_losses(
-            pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:, 0], counts[:, 1],
-            dpop_lambda=t.dpop_lambda,
-        )
-        loss = losses.mean()
+        if t.loss == "infonce":
+            same = group[:, None] == group[None, :]  # (B, B): pairs of one prompt and chosen answer
+            # Row b: its group's chosen answer against all the group's negatives, so each group's loss
+            # is there once per pair; weighted by 1 / size, the mean over groups.
+            losses, _, _ = infonce_losses(pc, mx.where(same, pr[None], -mx.inf), refs[:, 0],
+                                          mx.where(same, refs[None, :, 1], 0.0), t.beta)  # (B,)
+            size = same.sum(axis=1)
+            loss = (losses / size).sum() / (1 / size).sum()
+            chosen_rewards, rejected_rewards = t.beta * (pc - refs[:, 0]), t.beta * (pr - refs[:, 1])
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_losses(
+                pc, pr, refs[:, 0], refs[:, 1], t.beta, t.loss, t.label_smoothing, counts[:, 0], counts[:, 1],
+                dpop_lambda=t.dpop_lambda,
+            )
+            loss = losses.mean()
         metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
         if t.nll_weight:
             # TRL's "sft" loss: cross-entropy over all chosen tokens of the batch, not a mean of per-answer means.
@@ -392,10 +423,10 @@ class Trainer:
         metrics["loss"] = loss
         return loss, metrics
 
-    def _loss_and_grad(self, batch, pairs, refs):
+    def _loss_and_grad(self, batch, pairs, group, refs):
         # Traced once per batch shape: the patch is in place while the graph is built.
         with lean_swiglu(self.model):
-            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, batch, pairs, refs)
+            (loss, metrics), grads = nn.value_and_grad(self.model, self._loss)(self.model, batch, pairs, group, refs)
         return metrics, grads
 
     def _apply(self, grads):
@@ -418,14 +449,15 @@ class Trainer:
         mx.random.seed(derived_seed(self.seed, "step", self.step))
         batches, cursor = self.next_micro_batches()
         for indices in batches:
-            # On several ranks each takes its share of the pairs; its per-pair means count by that share.
-            mine = distributed.share(indices)
-            share = len(mine) / len(indices)
-            batch, pairs, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id,
-                                                      self.shared_prompts, self.distinct)
-            metrics, grads = self._grad_step(batch, pairs, refs)
-            if share != 1:
-                grads, metrics = tree_map(lambda g: g * share, (grads, metrics))
+            # On several ranks each takes its share of the prompt groups; its means count by that share.
+            mine = [i for group in distributed.share(prompt_groups(self.train_examples, indices)) for i in group]
+            loss_share, pair_share = self.loss_share(self.train_examples, mine, indices), len(mine) / len(indices)
+            batch, pairs, group, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id,
+                                                             self.shared_prompts, self.distinct)
+            metrics, grads = self._grad_step(batch, pairs, group, refs)
+            if (loss_share, pair_share) != (1, 1):
+                grads = tree_map(lambda g: g * loss_share, grads)
+                metrics = {k: v * (loss_share if k == "loss" else pair_share) for k, v in metrics.items()}
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
             tokens_seen += real_tokens if mine else 0
@@ -444,16 +476,24 @@ class Trainer:
     def held_out_metrics(self) -> dict:
         """The step's metrics on the held-out pairs, without an update and without dropout (the model is left in eval
         mode; fit puts it back in train mode before each step)."""
-        sums, count = {}, len(self.held_out)
+        sums, everything = {}, list(range(len(self.held_out)))
         self.model.eval()
-        for indices in make_batches(self.held_out, self.training.batch_size):
-            mine = distributed.share(indices)
+        for indices in make_batches(self.held_out, self.training.batch_size, whole_groups=self.training.loss == "infonce"):
+            mine = [i for group in distributed.share(prompt_groups(self.held_out, indices)) for i in group]
             if not mine:
                 continue
-            batch, pairs, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts, self.distinct)
-            _, metrics = self._loss(self.model, batch, pairs, refs)
-            sums = {k: sums.get(k, 0) + v.item() * len(mine) for k, v in metrics.items()}
-        return {k: v / count for k, v in distributed.sum_values(sums).items()}
+            batch, pairs, group, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts, self.distinct)
+            _, metrics = self._loss(self.model, batch, pairs, group, refs)
+            # The loss is a mean over its units (loss_share), the other metrics over pairs.
+            share = {"loss": self.loss_share(self.held_out, mine, everything)}
+            sums = {k: sums.get(k, 0) + v.item() * share.get(k, len(mine) / len(everything)) for k, v in metrics.items()}
+        return distributed.sum_values(sums)
+
+    def loss_share(self, examples: list[Example], part: list[int], whole: list[int]) -> float:
+        """The share of the whole's loss units in its part: pairs, or prompt groups for infonce."""
+        if self.training.loss != "infonce":
+            return len(part) / len(whole)
+        return len(prompt_groups(examples, part)) / len(prompt_groups(examples, whole))
 
     def state(self) -> dict:
         """Where training is: what a checkpoint's state.json holds."""
@@ -470,23 +510,26 @@ class Trainer:
         self.best, self.stopped_early = state.get("best"), state.get("stopped_early", False)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
-    def initial_dpo_loss(self) -> float:
-        """The DPO loss of the first step's first micro-batch before its update, with dropout off (eval mode).
+    def initial_dpo_loss(self) -> tuple[float, float]:
+        """The DPO loss of the first step's first micro-batch before its update, with dropout off (eval mode), and
+        what it is at policy == reference (ln 2 for sigmoid; for infonce the mean of ln(k + 1) over its prompts).
 
-        It is the loss at policy == reference: from round 2 on (training.rounds) the adapter does
-        not start at zero, and LoRA dropout would make the policy differ from the model that scored.
+        From round 2 on (training.rounds) the adapter does not start at zero, and LoRA dropout
+        would make the policy differ from the model that scored.
         """
-        batch, pairs, refs, _ = collate(self.train_examples, self.next_micro_batches()[0][0], self.pad_id,
-                                        self.shared_prompts, self.distinct)
-        _, metrics = self._loss(self.model.eval(), batch, pairs, refs)
+        t, indices = self.training, self.next_micro_batches()[0][0]
+        batch, pairs, group, refs, _ = collate(self.train_examples, indices, self.pad_id, self.shared_prompts,
+                                               self.distinct)
+        _, metrics = self._loss(self.model.eval(), batch, pairs, group, refs)
         nll = metrics["nll_loss"].item() if "nll_loss" in metrics else 0.0
-        return metrics["loss"].item() - self.training.nll_weight * nll
+        negatives = [len(g) for g in prompt_groups(self.train_examples, indices)] if t.loss == "infonce" else [1]
+        expected = sum(initial_loss(t.beta, t.loss, t.label_smoothing, k) for k in negatives) / len(negatives)
+        return metrics["loss"].item() - t.nll_weight * nll, expected
 
-    def check_first_step(self, dpo_loss: float, metrics: dict, before: dict) -> None:
-        """Stop unless the loss before the first update (initial_dpo_loss) is the one at policy == reference, and the
+    def check_first_step(self, initial: tuple[float, float], metrics: dict, before: dict) -> None:
+        """Stop unless the loss before the first update is the one at policy == reference (initial_dpo_loss), and the
         first step (its metrics; the adapter `before` it) had a gradient and changed the adapter."""
-        t = self.training
-        expected = initial_loss(t.beta, t.loss, t.label_smoothing)
+        dpo_loss, expected = initial
         if abs(dpo_loss - expected) > INITIAL_LOSS_TOLERANCE:
             raise TrainingStopped(
                 f"first loss {dpo_loss:.6f} is not {expected:.6f} (policy == reference): either the adapter "

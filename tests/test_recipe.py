@@ -81,6 +81,15 @@ def test_set_mistakes_name_the_flag_not_the_recipe_file():
         parse_recipe("training: {epochs: two}", "r.yaml", ["training.beta=0.2"])
 
 
+def test_infonce_refuses_the_options_of_a_pairwise_margin():
+    for key, value in [("label_smoothing", "0.1"), ("dpop_lambda", "0.5"), ("ld_alpha", "0.0")]:
+        message = f"r.yaml: training.{key}: applies to the pairwise losses, not to training.loss: infonce"
+        with pytest.raises(UserError, match="^" + re.escape(message)) as error:
+            parse_recipe(f"training: {{loss: infonce, {key}: {value}}}", "r.yaml", [])
+        assert error.value.key == f"training.{key}"
+    assert parse_recipe("training: {loss: infonce, nll_weight: 0.3}", "r.yaml", []).training.loss == "infonce"
+
+
 def test_shipped_recipes_are_valid():
     quickstart = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     personalize = load_recipe(ROOT / "recipes" / "personalize.yaml")

@@ -5,6 +5,7 @@
 The loss formulas themselves are checked against numpy in test_dpo.py.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -316,7 +317,7 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
     # Beside each of the first three pairs an echo pair: its prompt and chosen answer, the context rejected.
     echoes = [(question, context, chosen, context) for question, context, chosen, _ in PAIRS[:3]]
     examples = [example(n, *pair) for n, pair in enumerate(PAIRS + echoes)]
-    batch, pairs, _, _ = trainer_module.collate(examples, list(range(len(examples))), 0, shared_prompts)
+    batch, pairs, _, _, _ = trainer_module.collate(examples, list(range(len(examples))), 0, shared_prompts)
     if shared_prompts:  # 8 prompts, 8 chosen answers, 11 rejected ones
         assert (batch[0].shape[0], batch[2].shape[0]) == (len(PAIRS), 2 * len(PAIRS) + len(echoes))
         assert pairs[len(PAIRS):, 0].tolist() == pairs[: len(echoes), 0].tolist()
@@ -357,11 +358,11 @@ def test_a_batch_takes_the_pairs_of_one_prompt_and_chosen_answer_together_and_ru
     examples = []
     for n in range(6):
         examples += [example(f"p{n}", [3] * (n + 1), [4] * (9 - n)), example(f"p{n}", [3] * (n + 1), [5])]
-    batches = trainer_module.make_batches(examples, 4)
+    batches = trainer_module.make_batches(examples, 4, whole_groups=False)
     assert sorted(i for batch in batches for i in batch) == list(range(len(examples)))
     for batch in batches:
         assert len({examples[i].prompt_id for i in batch}) == 2  # two whole prompts
-        _, pairs, _, _ = trainer_module.collate(examples, batch, 0, shared_prompts=True)
+        _, pairs, _, _, _ = trainer_module.collate(examples, batch, 0, shared_prompts=True)
         assert len(set(pairs[:, 0].tolist())) == 2  # two chosen answers, each scored once for both its pairs
 
 
@@ -447,12 +448,52 @@ def test_length_desensitization_reweights_policy_and_reference_alike():
     assert [e.ref_chosen for e in same.train_examples] == pytest.approx([e.ref_chosen for e in examples[:6]], abs=1e-4)
 
 
+def test_infonce_takes_each_prompt_chosen_answer_against_all_its_negatives_at_once():
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    # Prompts 0-2 have two negatives each (the second as an echo pair's: the context), prompt 3 one.
+    pairs, prompt_ids = [], []
+    for n, (question, context, chosen, rejected) in enumerate(PAIRS[:4]):
+        for negative in [rejected, context][: 2 if n < 3 else 1]:
+            pairs.append(Pair(f"{context} {question}", chosen, negative))
+            prompt_ids.append(f"p{n}")
+    examples = [dataclasses.replace(e, prompt_id=p) for e, p in
+                zip(trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256), prompt_ids)]
+    training = TrainingConfig(loss="infonce", batch_size=3, learning_rate=1e-3, warmup_ratio=0.0)
+    trainer = trainer_module.Trainer(model, tokenizer, examples, [], training, seed=0)
+    for batch in trainer.batches:  # whole prompts, never more than batch_size pairs unless one prompt has more
+        assert sorted(batch) == [i for i, p in enumerate(prompt_ids) if p in {prompt_ids[j] for j in batch}]
+    assert sorted(len(batch) for batch in trainer.batches) == [2, 2, 3]
+    # Policy == reference: ln(k + 1) per prompt, averaged over the batch's prompts.
+    loss, expected = trainer.initial_dpo_loss()
+    first = trainer.next_micro_batches()[0][0]
+    sizes = [prompt_ids[i] for i in first]
+    assert expected == pytest.approx(sum(math.log(sizes.count(p) + 1) for p in set(sizes)) / len(set(sizes)))
+    assert loss == pytest.approx(expected, abs=1e-4)
+
+    mx.random.seed(2)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    indices = list(range(len(examples)))  # all four prompts in one batch
+    batch, answer_rows, group, refs, _ = trainer_module.collate(examples, indices, trainer.pad_id,
+                                                                trainer.shared_prompts)
+    _, metrics = trainer._loss(model.eval(), batch, answer_rows, group, refs)
+    logps = trainer_module.batch_logprobs(model, batch, trainer.shared_prompts)[answer_rows].tolist()
+    by_prompt = {}
+    for (chosen, rejected), e in zip(logps, examples):
+        rewards = by_prompt.setdefault(e.prompt_id, [training.beta * (chosen - e.ref_chosen)])
+        rewards.append(training.beta * (rejected - e.ref_rejected))
+    by_hand = [math.log(sum(math.exp(r) for r in rewards)) - rewards[0] for rewards in by_prompt.values()]
+    assert metrics["loss"].item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
+    accuracies = [c - e.ref_chosen > r - e.ref_rejected for (c, r), e in zip(logps, examples)]
+    assert metrics["rewards/accuracies"].item() == pytest.approx(sum(accuracies) / len(accuracies))
+
+
 def test_the_nll_term_is_the_mean_over_all_chosen_tokens_of_the_batch():
     trainer, _ = ld_trainer(None, nll_weight=1.0)
     indices = trainer.next_micro_batches()[0][0]
-    batch, pairs, refs, _ = trainer_module.collate(trainer.train_examples, indices, trainer.pad_id,
-                                                   trainer.shared_prompts)
-    _, metrics = trainer._loss(trainer.model, batch, pairs, refs)
+    batch, pairs, group, refs, _ = trainer_module.collate(trainer.train_examples, indices, trainer.pad_id,
+                                                          trainer.shared_prompts)
+    _, metrics = trainer._loss(trainer.model, batch, pairs, group, refs)
     model = trainer.model
     chosen = [trainer.train_examples[i].chosen for i in indices]
     total, count = 0.0, 0
