@@ -17,8 +17,8 @@ recipe's defaults (rank, scale, dropout, the seven projections) with sigmoid DPO
 the same order, padded by each trainer's own collation, with the same max sequence length.
 
 - mipo-mlx: one model; Trainer.train_step (one compiled forward and backward: each
-  prompt once, then the chosen and rejected answers after it, 2B rows; gradient
-  clipping, AdamW); the reference log-probs come with the pairs (scored here once,
+  prompt once, then its chosen and rejected answers one after the other in its row;
+  gradient clipping, AdamW); the reference log-probs come with the pairs (scored here once,
   before any clock starts, when the pairs have none).
 - mlx-lm-lora: train_dpo with the reference model its train.py loads, a second copy
   from the same directory, run forward on every step; policy forwards for chosen and
@@ -213,9 +213,9 @@ def step_flops(shape: dict, blocks: list[tuple[int, int, int]], head_positions: 
 
 def our_blocks(batch: tuple) -> tuple[list[tuple[int, int, int]], int]:
     """step_flops' blocks and head positions for one of our collated batches."""
-    if len(batch) == 5:  # each distinct prompt once, then each distinct answer after it (scoring.pair_logprobs)
-        (prompts, prompt), (rows, answer) = batch[0].shape, batch[2].shape
-        return [(prompts, prompt, prompt), (rows, answer, prompt + answer)], rows * answer
+    if len(batch) == 6:  # each distinct prompt once, then its distinct answers in its row (scoring.pair_logprobs)
+        (prompts, prompt), answers = batch[0].shape, batch[2].shape[1]
+        return [(prompts, prompt, prompt), (prompts, answers, prompt + answers)], prompts * answers
     (rows, width), scored = batch[0].shape, batch[1].shape[1]  # whole sequences, the head on the last targets
     return [(rows, width - 1, width - 1)], rows * scored
 

@@ -12,11 +12,14 @@ runs the vocabulary head on the answer positions only (window_logprobs); answer_
 scores whole sequences for the trainer and export's checks. score_pairs (the reference pass
 at sampling time) and the DPO step score pairs with pair_logprobs where the model allows it:
 each distinct prompt runs once for all its answers and each distinct answer once for all its
-pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), the same
-log-probs up to float rounding (the trainer's first-step check holds them to the stored
+pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), a
+prompt's answers one after another in one row after it (pad_pairs), the same log-probs up to
+float rounding (the trainer's first-step check holds them to the stored
 reference). A mask may cover only the last targets: the vocabulary head then skips the prompt
 positions before it, which score nothing anyway.
 """
+
+import contextlib
 
 import mlx.core as mx
 import numpy as np
@@ -52,21 +55,30 @@ def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int)
 def pad_pairs(prompts: list[list[int]], answers: list[list[int]], answer_prompts: list[int], pad_id: int):
     """P prompts and A answers, answer a after prompt answer_prompts[a], as pair_logprobs takes them.
 
-    Returns prompts left-padded (P, W), their left padding (P,), answers right-padded (A, L),
-    the prompt row of each answer (A,) and the mask of the answers' tokens (A, L).
+    Returns prompts left-padded (P, W) and their left padding (P,); each prompt's answers one
+    after another in its row (P, T), right-padded, with each token's index in its answer
+    (P, T; 0 on padding); where answer a's token l sits in the flattened rows (A, L), and the
+    mask of the answers' tokens (A, L), token l of answer a at [a, l].
     """
     width, length = padded_width(prompts), padded_width(answers)
+    row_length = padded_width([[t for a, p in zip(answers, answer_prompts) if p == row for t in a]
+                               for row in range(len(prompts))])
     left = np.array([width - len(p) for p in prompts], dtype=np.int32)
     padded_prompts = np.full((len(prompts), width), pad_id, dtype=np.int32)
-    padded_answers = np.full((len(answers), length), pad_id, dtype=np.int32)
+    packed = np.full((len(prompts), row_length), pad_id, dtype=np.int32)
+    step = np.zeros((len(prompts), row_length), dtype=np.int32)
+    place = np.zeros((len(answers), length), dtype=np.int32)
     mask = np.zeros((len(answers), length), dtype=np.float32)
     for row, ids in enumerate(prompts):
         padded_prompts[row, left[row] :] = ids
-    for row, ids in enumerate(answers):
-        padded_answers[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1.0
-    return (mx.array(padded_prompts), mx.array(left), mx.array(padded_answers),
-            mx.array(np.array(answer_prompts, dtype=np.int32)), mx.array(mask))
+    filled = [0] * len(prompts)
+    for a, (ids, row) in enumerate(zip(answers, answer_prompts)):
+        start, filled[row] = filled[row], filled[row] + len(ids)
+        packed[row, start : start + len(ids)] = ids
+        step[row, start : start + len(ids)] = np.arange(len(ids))
+        place[a, : len(ids)] = row * row_length + start + np.arange(len(ids))
+        mask[a, : len(ids)] = 1.0
+    return tuple(mx.array(x) for x in (padded_prompts, left, packed, step, place, mask))
 
 
 def pair_rows(pairs: list[tuple[list[int], list[int], list[int]]]):
@@ -213,26 +225,26 @@ def shares_prompts(model) -> bool:
 
 
 class SharedPromptCache:
-    """A layer's cache, as mlx-lm's attention uses one: P left-padded prompts, then A answers, each after one of them.
+    """A layer's cache, as mlx-lm's attention uses one: P left-padded prompts, then each prompt's answers in its row.
 
-    The first pass (the prompts) keeps its keys and values; in the second, answer row a
-    attends to those of prompt rows[a], then causally to its own. Positions count from each
-    prompt's first real token. No query attends to padding, except a padding query to itself
-    (an attention row with nothing to attend to would be NaN).
+    The first pass (the prompts) keeps its keys and values; in the second, each token attends
+    to its prompt's, then causally to its own answer's tokens (a token `step` into its answer
+    starts it `step` columns back). Positions count from each prompt's first real token: per
+    token in the second pass (token_positions). No query attends to padding, except a padding
+    query to itself (an attention row with nothing to attend to would be NaN).
     """
 
-    def __init__(self, left_padding: mx.array, rows: mx.array):
-        self.left_padding, self.rows = left_padding, rows
+    def __init__(self, left_padding: mx.array, step: mx.array):
+        self.left_padding, self.step = left_padding, step
         self.offset = -left_padding  # the rotary position of each row's first column
         self.keys = self.values = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.keys is None:
             self.keys, self.values = keys, values
-            self.offset = (keys.shape[2] - self.left_padding)[self.rows]
+            self.offset = (keys.shape[2] - self.left_padding)[:, None] + self.step  # (P, T): each token's position
             return keys, values
-        return (mx.concatenate([self.keys[self.rows], keys], axis=2),
-                mx.concatenate([self.values[self.rows], values], axis=2))
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
     def make_mask(self, n: int, **kwargs) -> mx.array:
         queries, left = mx.arange(n)[:, None], self.left_padding[:, None, None, None]
@@ -240,21 +252,52 @@ class SharedPromptCache:
             keys = mx.arange(n)[None]
             return ((keys >= left) & (keys <= queries)) | (keys == queries)  # (P, 1, W, W)
         width = self.keys.shape[2]
-        keys = mx.arange(width + n)[None]
-        return mx.where(keys < width, keys >= left[self.rows], keys - width <= queries)  # (A, 1, L, W + L)
+        keys, first = mx.arange(width + n)[None], (queries[None] - self.step[:, :, None])[:, None]  # first: (P, 1, T, 1)
+        answer = (keys - width <= queries) & (keys - width >= first)  # its own answer's tokens up to itself
+        return mx.where(keys < width, keys >= left, answer)  # (P, 1, T, W + T)
 
 
-def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, answers: mx.array, rows: mx.array,
-                  mask: mx.array) -> mx.array:
+@contextlib.contextmanager
+def token_positions(model):
+    """The model's rotary embedding taking a position per token, when the offset is (B, L) positions.
+
+    mlx-lm's attention rotates by cache.offset, one start per row; a row that holds several
+    answers after one prompt needs each answer to start where the prompt ends.
+    """
+    cls = type(model.layers[0].self_attn.rope)
+    original = cls.__call__
+
+    def call(self, x, offset=0):
+        if not (isinstance(offset, mx.array) and offset.ndim == 2):
+            return original(self, x, offset=offset)
+        rows, heads, length, dims = x.shape  # each token its own row, at its own offset
+        tokens = x.transpose(0, 2, 1, 3).reshape(rows * length, heads, 1, dims)
+        rotated = original(self, tokens, offset=offset.reshape(-1))
+        return rotated.reshape(rows, length, heads, dims).transpose(0, 2, 1, 3)
+
+    cls.__call__ = call
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.array, step: mx.array,
+                  place: mx.array, mask: mx.array) -> mx.array:
     """Summed log-probs of A answers, each after its prompt: (A,). Arrays from pad_pairs.
 
     The mask may be weights, or a stack of them (K, A, L): then the K weighted sums, (K, A).
 
-    Each prompt goes through the model once for all its answers (the A answers in one pass),
-    where whole sequences would take it once per answer: with prompts half of a sequence, a
-    pair costs a quarter fewer positions. For models where shares_prompts is true.
+    Each prompt goes through the model once for all its answers, and its answers one after
+    another in one row: where whole sequences would run the prompt once per answer and pad
+    every answer to the longest. For models where shares_prompts is true.
     """
-    caches = [SharedPromptCache(left_padding, rows) for _ in model.layers]
+    caches = [SharedPromptCache(left_padding, step) for _ in model.layers]
     last = model.model(prompts, cache=caches)[:, -1:]  # (P, 1, D): what predicts each answer's first token
-    hidden = mx.concatenate([last[rows], model.model(answers, cache=caches)[:, :-1]], axis=1)  # (A, L, D)
-    return (head_logprobs(plain_head(model), hidden, answers) * mask).sum(axis=-1)
+    with token_positions(model):
+        hidden = model.model(packed, cache=caches)  # (P, T, D)
+    # Token t is predicted by the hidden state before it in its answer, an answer's first by the prompt's last.
+    columns = mx.where(step == 0, 0, mx.arange(packed.shape[1])[None])  # (P, T) into [last, hidden]
+    predictors = mx.take_along_axis(mx.concatenate([last, hidden], axis=1), columns[..., None], axis=1)  # (P, T, D)
+    logps = head_logprobs(plain_head(model), predictors, packed).reshape(-1)  # (P * T,)
+    return (logps[place] * mask).sum(axis=-1)

@@ -16,7 +16,7 @@ from mipo_mlx.generation import SamplerSettings, generate_answers, shared_prefix
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import parse_recipe
 from mipo_mlx.rundir import open_run
-from mipo_mlx.scoring import pad_batch, score_answers, target_logprobs
+from mipo_mlx.scoring import pad_batch, score_answers, score_pairs, target_logprobs
 from tiny_models import tiny_model
 
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.", "My cat Luna likes",
@@ -116,3 +116,22 @@ def test_scoring_on_the_embedded_model_equals_the_plain_forward(embedded_model):
     expected = [plain_logprobs(model, tokenizer, m, a) for m, a in items]
     assert np.allclose(logps, expected, atol=1e-4, rtol=0)
     assert min(logps) < -1.0  # real answers, not a degenerate zero
+    assert_pair_scoring_equals_the_plain_forward(model, tokenizer)
+
+
+@pytest.mark.parametrize("arch, quantized", [("llama", False), ("qwen2", True)])
+def test_pair_scoring_equals_the_plain_forward(arch, quantized):
+    assert_pair_scoring_equals_the_plain_forward(*tiny_model(arch, quantized=quantized))
+
+
+def assert_pair_scoring_equals_the_plain_forward(model, tokenizer):
+    """score_pairs (each prompt once, its distinct answers one after another in one row) against each answer's whole
+    sequence alone, with pairs that share their prompt and chosen answer (k negatives, an echo pair)."""
+    items = scoring_items()
+    pairs = []
+    for n, (m, a) in enumerate(items):  # the first three prompts with a second negative beside the first
+        pairs += [(m, a, negative) for negative in [items[(n + 1) % len(items)][1],
+                                                    "a second negative, longer than most of the answers here"][: 1 + (n < 3)]]
+    logps, _ = score_pairs(model, tokenizer, pairs)
+    expected = [[plain_logprobs(model, tokenizer, m, answer) for answer in (c, r)] for m, c, r in pairs]
+    assert np.allclose(logps, expected, atol=1e-4, rtol=0)

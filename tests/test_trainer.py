@@ -319,7 +319,7 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
     examples = [example(n, *pair) for n, pair in enumerate(PAIRS + echoes)]
     batch, pairs, _, _, _ = trainer_module.collate(examples, list(range(len(examples))), 0, shared_prompts)
     if shared_prompts:  # 8 prompts, 8 chosen answers, 11 rejected ones
-        assert (batch[0].shape[0], batch[2].shape[0]) == (len(PAIRS), 2 * len(PAIRS) + len(echoes))
+        assert (batch[0].shape[0], batch[-1].shape[0]) == (len(PAIRS), 2 * len(PAIRS) + len(echoes))
         assert pairs[len(PAIRS):, 0].tolist() == pairs[: len(echoes), 0].tolist()
     else:
         assert pairs.tolist() == [[n, len(examples) + n] for n in range(len(examples))]
