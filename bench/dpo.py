@@ -47,7 +47,9 @@ for frozen weights, the head's recomputation not counted) over its time, against
 with the tokens/s the step would reach at that rate throughout. TRL's GFLOP/s are counted
 the same way on its shapes (whole sequences, every position through the head).
 
-Measured on this machine (Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
+Measured at 62d6b4e (before pair_logprobs put a prompt's answers in one row, which took a
+step on the quickstart's pairs from 7.66 to 6.56 s on a quiet machine) on this machine
+(Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
 trl 1.16.0, peft 0.21.2, torch 2.13.0+cpu, the embedded model in float32; the defaults:
 16 pairs, batch 4, 8 timed steps), two runs while other engineers ran quickstart
 trainings and test suites beside them (load average 4.7 and 6.0, so absolute rates are

@@ -14,9 +14,9 @@ at sampling time) and the DPO step score pairs with pair_logprobs where the mode
 each distinct prompt runs once for all its answers and each distinct answer once for all its
 pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), a
 prompt's answers one after another in one row after it (pad_pairs), the same log-probs up to
-float rounding (the trainer's first-step check holds them to the stored
-reference). A mask may cover only the last targets: the vocabulary head then skips the prompt
-positions before it, which score nothing anyway.
+float rounding (the trainer's first-step check holds them to the stored reference). A mask
+may cover only the last targets: the vocabulary head then skips the prompt positions before
+it, which score nothing anyway.
 """
 
 import contextlib
@@ -35,14 +35,14 @@ HEAD_SLICE = 64
 SCORING_ROWS = 8  # sequences per score_answers forward
 
 
-def padded_width(sequences: list[list[int]]) -> int:
-    """The longest sequence's length rounded up to a multiple of PAD_MULTIPLE."""
-    return -(-max(len(s) for s in sequences) // PAD_MULTIPLE) * PAD_MULTIPLE
+def padded_width(lengths: list[int]) -> int:
+    """The longest length rounded up to a multiple of PAD_MULTIPLE."""
+    return -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int) -> tuple[mx.array, mx.array]:
     """Right-pad token sequences; return tokens (B, T) and the answer mask over targets (B, T-1)."""
-    width = padded_width(sequences)
+    width = padded_width([len(s) for s in sequences])
     tokens = np.full((len(sequences), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(sequences), width - 1), dtype=np.float32)
     for row, (ids, start) in enumerate(zip(sequences, answer_starts)):
@@ -60,9 +60,9 @@ def pad_pairs(prompts: list[list[int]], answers: list[list[int]], answer_prompts
     (P, T; 0 on padding); where answer a's token l sits in the flattened rows (A, L), and the
     mask of the answers' tokens (A, L), token l of answer a at [a, l].
     """
-    width, length = padded_width(prompts), padded_width(answers)
-    row_length = padded_width([[t for a, p in zip(answers, answer_prompts) if p == row for t in a]
-                               for row in range(len(prompts))])
+    row_lengths = np.bincount(answer_prompts, weights=[len(a) for a in answers], minlength=len(prompts))
+    width, length, row_length = (padded_width(lengths) for lengths in
+                                 ([len(p) for p in prompts], [len(a) for a in answers], row_lengths.astype(int)))
     left = np.array([width - len(p) for p in prompts], dtype=np.int32)
     padded_prompts = np.full((len(prompts), width), pad_id, dtype=np.int32)
     packed = np.full((len(prompts), row_length), pad_id, dtype=np.int32)
