@@ -47,31 +47,37 @@ for frozen weights, the head's recomputation not counted) over its time, against
 with the tokens/s the step would reach at that rate throughout. TRL's GFLOP/s are counted
 the same way on its shapes (whole sequences, every position through the head).
 
-Measured at 62d6b4e (before pair_logprobs put a prompt's answers in one row, which took a
-step on the quickstart's pairs from 7.66 to 6.56 s on a quiet machine) on this machine
-(Linux x86_64, 2 CPUs, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2,
-trl 1.16.0, peft 0.21.2, torch 2.13.0+cpu, the embedded model in float32; the defaults:
-16 pairs, batch 4, 8 timed steps), two runs while other engineers ran quickstart
-trainings and test suites beside them (load average 4.7 and 6.0, so absolute rates are
-below a quiet machine's; the ratios are side by side in one run):
+Measured at 64cb5ce on a quiet machine of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC
+with AVX-512, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2, trl 1.16.0, peft 0.22.0, torch
+2.13.0+cpu, the embedded model in float32; the defaults: 16 pairs, batch 4, 8 timed steps;
+load average 2.9 from the pip install before it, nothing else running):
 
-    mipo-mlx     121.6 / 78.6 tok/s   1.70 GB MLX peak, 2.23 GB max RSS
-    mlx-lm-lora   59.1 / 30.7 tok/s   3.82 GB MLX peak, 3.64 GB max RSS
-    TRL           33.3 / 16.8 tok/s   4.46 / 4.48 GB max RSS
-    against mlx-lm-lora: 2.06x / 2.56x tok/s, 0.45x peak memory
-    against TRL:         3.66x / 4.68x tok/s, 0.50x max RSS (2.23 / 4.46 and 4.48 GB)
-    the step: 0.432 GFLOP per counted token, 52.5 / 33.9 GFLOP/s = 57% / 52% of the sgemm
-    rate beside it (92.7 / 64.7 GFLOP/s): at that rate throughout, 215 / 150 tok/s
+    mipo-mlx     242.6 tok/s   1.62 GB MLX peak, 2.11 GB max RSS
+    mlx-lm-lora  108.6 tok/s   3.82 GB MLX peak, 3.60 GB max RSS
+    TRL           88.0 tok/s   4.47 GB max RSS
+    against mlx-lm-lora: 2.23x tok/s, 0.42x peak memory
+    against TRL:         2.76x tok/s, 0.47x max RSS
+    the step: 0.426 GFLOP per counted token, 103.3 GFLOP/s = 41% of the sgemm rate
+    beside it (251.5 GFLOP/s): at that rate throughout, 591 tok/s
 
-TRL's reference log-probs were within 6.9e-3 of ours. With DPOConfig's default bf16
-autocast (not the same model: its log-probs move by up to 0.38), TRL ran at 125.9 tok/s
-and 3.83 GB beside our 141.4 tok/s and 2.23 GB (load 3.6): 1.12x and 0.58x. The issue's
-hand measurement (111.7 tok/s, 4.71 GB) and this benchmark's previous TRL side ran
-that default. No float32 step
-reaches 2x of it here: 2x is ~250 tok/s, and the step's FLOPs at 100% of this machine's
-quiet sgemm rate (~100 GFLOP/s) allow ~230.
+TRL's reference log-probs were within 7.0e-3 of ours. The whole run took 5:57. On an
+earlier VM of this kind (sgemm ~93 GFLOP/s, no AVX-512), at 62d6b4e and with other jobs
+running (load 4.7 and 6.0): 3.66x and 4.68x TRL at 0.50x its max RSS, 2.06x and 2.56x
+mlx-lm-lora at 0.45x its peak memory, the step at 57% and 52% of sgemm. There, with
+DPOConfig's default bf16 autocast (not the same model: its log-probs move by up to 0.38),
+TRL ran at 125.9 tok/s and 3.83 GB beside our 141.4 tok/s and 2.23 GB: 1.12x and 0.58x;
+the issue's hand measurement (111.7 tok/s, 4.71 GB) ran that default.
 
-Profile of the step (perf, 6 steps of the defaults): OpenBLAS's sgemm ~52% of the
+The step reaches a smaller share of sgemm on the AVX-512 machine because its matmuls got
+2.7x faster there and its elementwise work did not: MLX's CPU wheel is built for baseline
+x86-64, so its exp (swiglu's sigmoid, softmax, logsumexp) is scalar code calling libm's
+fmaf per polynomial step (~13 ns a value), and the kernels mx.compile fuses are scalar too
+(no packed instructions in the .so files it builds). An exp written as MLX elementwise ops
+(the same Cephes polynomial, compiled) took a (900, 1536) swiglu from 18.2 to 9.0 ms, but
+its backward was slower than lean_swiglu's, and a DPO step of round-2 quickstart pairs did
+not get faster (2.83 against 2.90 s): not kept (issue 13's notes).
+
+Profile of the step on the earlier VM (perf, 6 steps of the defaults): OpenBLAS's sgemm ~52% of the
 samples (its packing copies ~8% of them), MLX's scalar exp ~14% (simd::exp<float, 1>
 calling libm's fmaf per element: swiglu's sigmoid, forward and recomputed in
 lean_swiglu's backward, the head's logsumexp and softmax), OpenBLAS's idle workers

@@ -48,9 +48,6 @@ from mlx.utils import tree_flatten
 from mipo_mlx.scoring import plain_head
 from mipo_mlx.seeds import derived_seed
 
-# Attention reads the cache up to the batch's furthest position rounded up to this: the
-# width changes every WIDTH_STEP tokens, not every token, and unused columns are not read.
-WIDTH_STEP = 64
 # The auto batch: at most this many rows (on a 2-core CPU batch 128 gave only ~1.1x the
 # tokens/s of 64), and its caches at most this share of the memory left beside the weights.
 AUTO_BATCH_MAX = 64
@@ -127,10 +124,12 @@ class RowsCache:
 
     Prefill (`offset` an int): every row writes the same columns, offset .. offset + N.
     Decode (`offset` a (B,) array): each row writes one token at its own column. Attention
-    sees the first `width` columns (a multiple of WIDTH_STEP past every row's position);
-    columns past a row's position are masked, which adds exact zeros to its sums. The arrays
-    are made at the first write, when the layer's key shape is known, with the job's shared
-    prompt prefix (`prefix`: keys and values, (1, H_kv, P, D)) in their first columns.
+    sees the first `width` columns, up to the batch's furthest position (the step is not
+    compiled, so a width that grows with every token costs no recompilation, and no column
+    past it is read); columns past a row's position are masked, which adds exact zeros to
+    its sums. The arrays are made at the first write, when the layer's key shape is known,
+    with the job's shared prompt prefix (`prefix`: keys and values, (1, H_kv, P, D)) in
+    their first columns.
     """
 
     def __init__(self, rows: int, capacity: int, offset, width: int, prefix=None):
@@ -166,10 +165,6 @@ class RowsCache:
         return (columns[None] <= self.offset[:, None])[:, None, None, :]  # (B, 1, 1, width)
 
 
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
 def shared_prefix(prompts: list[list[int]]) -> list[int]:
     """The tokens every prompt begins with, leaving each prompt at least one token of its own."""
     shortest = min(len(p) for p in prompts)
@@ -197,7 +192,7 @@ class BatchDecoder:
         self.seeds = [derived_seed(seed, "answer", key) for key in keys]
         self.stop = set(tokenizer.eos_token_ids)
         self.batch_size = max(1, min(batch_size, len(prompts)))
-        self.capacity = _round_up(max((len(p) for p in prompts), default=0) + settings.max_tokens, WIDTH_STEP)
+        self.capacity = max((len(p) for p in prompts), default=0) + settings.max_tokens
         self.head = plain_head(model)
         self.prefix = shared_prefix(prompts) if prompts else []
         self.prefix_kv = None
@@ -208,9 +203,8 @@ class BatchDecoder:
             mx.eval(self.prefix_kv)
 
     def _caches(self, rows: int, offset, end: int) -> list[RowsCache]:
-        width = _round_up(end, WIDTH_STEP)
         prefixes = self.prefix_kv or [None] * len(self.model.layers)
-        return [RowsCache(rows, self.capacity, offset, width, prefix) for prefix in prefixes]
+        return [RowsCache(rows, self.capacity, offset, end, prefix) for prefix in prefixes]
 
     def _forward(self, inputs: mx.array, caches: list[RowsCache], last: mx.array) -> mx.array:
         """Logits (B, V) at column `last` (B,) of each row's new tokens."""
@@ -302,7 +296,7 @@ class BatchDecoder:
             # One decode step: each row feeds its last token at its own column (idle rows at column 0, ignored).
             columns = [row.length + len(row.tokens) - 1 if row else 0 for row in rows]
             for cache in caches:
-                cache.offset, cache.width = mx.array(columns), _round_up(max(columns) + 1, WIDTH_STEP)
+                cache.offset, cache.width = mx.array(columns), max(columns) + 1
             logits = self._forward(mx.array(tokens)[:, None], caches, mx.zeros(len(rows), dtype=mx.int32))
             tokens = self._draw(logits, rows)
 
@@ -361,5 +355,5 @@ def auto_batch_size(model, longest_prompt: int, max_tokens: int) -> int:
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = (memory_bytes() - weights) * AUTO_MEMORY_SHARE
     vocab = model.model.embed_tokens.weight.shape[0]
-    per_row = kv_bytes_per_token(model) * _round_up(longest_prompt + max_tokens, WIDTH_STEP) + 4 * vocab * 8
+    per_row = kv_bytes_per_token(model) * (longest_prompt + max_tokens) + 4 * vocab * 8
     return int(max(1, min(AUTO_BATCH_MAX, budget // per_row)))
