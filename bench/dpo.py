@@ -69,23 +69,21 @@ TRL ran at 125.9 tok/s and 3.83 GB beside our 141.4 tok/s and 2.23 GB: 1.12x and
 the issue's hand measurement (111.7 tok/s, 4.71 GB) ran that default.
 
 The step reaches a smaller share of sgemm on the AVX-512 machine because its matmuls got
-2.7x faster there and its elementwise work did not: MLX's CPU wheel is built for baseline
-x86-64, so its exp (swiglu's sigmoid, softmax, logsumexp) is scalar code calling libm's
-fmaf per polynomial step (~13 ns a value), and the kernels mx.compile fuses are scalar too
-(no packed instructions in the .so files it builds). An exp written as MLX elementwise ops
-(the same Cephes polynomial, compiled) took a (900, 1536) swiglu from 18.2 to 9.0 ms, but
-its backward was slower than lean_swiglu's, and a DPO step of round-2 quickstart pairs did
-not get faster (2.83 against 2.90 s): not kept (issue 13's notes).
+2.7x faster there and its elementwise work did not: MLX's CPU exp is scalar on x86-64
+(bench/sampling.py's docstring says why and what was tried). An exp of MLX elementwise ops
+under mx.compile took a (900, 1536) swiglu from 18.2 to 9.0 ms, but its backward was
+slower than lean_swiglu's, and a DPO step of round-2 quickstart pairs did not get faster
+(2.83 against 2.90 s): not kept.
 
-Profile of the step on the earlier VM (perf, 6 steps of the defaults): OpenBLAS's sgemm ~52% of the
-samples (its packing copies ~8% of them), MLX's scalar exp ~14% (simd::exp<float, 1>
-calling libm's fmaf per element: swiglu's sigmoid, forward and recomputed in
-lean_swiglu's backward, the head's logsumexp and softmax), OpenBLAS's idle workers
-yielding ~10%, malloc and copies ~5%. Left as they are: keeping the sigmoid rather than
-recomputing it would buy a few percent of time with (rows, T, intermediate) floats per
-layer, and the step is at the 0.5x memory goal already; the head's input gradient taken
-in its forward (softmax @ W beside the log-probs) would save one of its three matmuls,
-~6% of the step's FLOPs, in scoring.py's head_logprobs, which inference shares.
+Profile of the step on the earlier VM (perf, 6 steps of the defaults): OpenBLAS's sgemm
+~52% of the samples (its packing copies ~8% of them), MLX's scalar exp ~14%
+(simd::exp<float, 1> calling libm's fmaf per element: swiglu's sigmoid, forward and
+recomputed in lean_swiglu's backward, the head's logsumexp and softmax), OpenBLAS's idle
+workers yielding ~10%, malloc and copies ~5%. Left as they are: keeping the sigmoid rather
+than recomputing it would buy a few percent of time with (rows, T, intermediate) floats
+per layer, and the step is at the 0.5x memory goal already; the head's input gradient
+taken in its forward (softmax @ W beside the log-probs) would save one of its three
+matmuls, ~6% of the step's FLOPs, in scoring.py's head_logprobs, which inference shares.
 """
 
 import argparse

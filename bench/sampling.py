@@ -14,15 +14,16 @@ time is, for its prefill, the FLOPs at that rate, and for each decode step the l
 its FLOPs at that rate and reading the weights once at that bandwidth; the fraction printed
 is that least time over the measured one.
 
-Measured at this docstring's commit (the decode attention reading exactly the batch's columns),
-on a quiet VM of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC with AVX-512, OpenBLAS, mlx
-0.32.4; the defaults: 64 prompts, 16 in the loop): ours 3656 tokens in 24.5 s = 149.4 tok/s
-at batch 64, 29% of the limit (matmul 258 GFLOP/s, memory 8.4 GB/s: at least 7.2 s for the
+Measured at e10526e (the decode attention reading exactly the batch's columns), on a quiet
+VM of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC with AVX-512, OpenBLAS, mlx 0.32.4;
+the defaults: 64 prompts, 16 in the loop): ours 3656 tokens in 24.5 s = 149.4 tok/s at
+batch 64, 29% of the limit (matmul 258 GFLOP/s, memory 8.4 GB/s: at least 7.2 s for the
 job); the loop 19.4 tok/s: 7.71x, under the goal. At 64cb5ce (the attention reading the
 columns up to a multiple of 64): 139.2 against 18.2 tok/s, 7.64x. On an earlier VM of this
 kind (matmul ~100 GFLOP/s, no AVX-512; other jobs running, load 5-7, --loop-prompts 8):
-54.5 against 5.6 tok/s, 9.74x. The loop (batch 1: reading the weights for each token) gained
-3.3x from that VM to this one, our batch 2.7x: the goal holds on the one and not the other.
+54.5 against 5.6 tok/s, 9.74x. The loop (batch 1: reading the weights for each token)
+gained 3.3x from that VM to this one, our batch 2.7x: the goal holds on the one and not
+the other.
 
 Where our time goes on the AVX-512 VM (profiled quiet): the prefill of the 64 prompts takes
 ~9 s of the 24.5 (4416 tokens, ~0.9 TFLOP: ~3.7 s at the matmul rate); MLX's CPU wheel is
