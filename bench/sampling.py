@@ -14,31 +14,32 @@ time is, for its prefill, the FLOPs at that rate, and for each decode step the l
 its FLOPs at that rate and reading the weights once at that bandwidth; the fraction printed
 is that least time over the measured one.
 
-Measured at e10526e (the decode attention reading exactly the batch's columns), on a quiet
-VM of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC with AVX-512, OpenBLAS, mlx 0.32.4;
-the defaults: 64 prompts, 16 in the loop): ours 3656 tokens in 24.5 s = 149.4 tok/s at
-batch 64, 29% of the limit (matmul 258 GFLOP/s, memory 8.4 GB/s: at least 7.2 s for the
-job); the loop 19.4 tok/s: 7.71x, under the goal. At 64cb5ce (the attention reading the
-columns up to a multiple of 64): 139.2 against 18.2 tok/s, 7.64x. On an earlier VM of this
-kind (matmul ~100 GFLOP/s, no AVX-512; other jobs running, load 5-7, --loop-prompts 8):
-54.5 against 5.6 tok/s, 9.74x. The loop (batch 1: reading the weights for each token)
-gained 3.3x from that VM to this one, our batch 2.7x: the goal holds on the one and not
-the other.
+Measured at COMMIT (the MLP's swiglu in numpy on the CPU: swiglu.host_swiglu), on a quiet VM
+of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC with AVX-512, OpenBLAS, mlx 0.32.4; the
+defaults: 64 prompts, 16 in the loop): ours 3656 tokens in 22.1 s = 165.4 tok/s at batch 64,
+36% of the limit (matmul 229 GFLOP/s, memory 8.3 GB/s: at least 7.9 s for the job); the loop
+17.5 tok/s: 9.46x. The same answers as before it, token for token. Before it (e10526e, the
+same VM kind): 149.4 against 19.4 tok/s, 7.71x; side by side in one process, quiet, the
+swiglu in numpy against MLX's: 178.6 and 165.0 against 147.3 and 140.3 tok/s. On an earlier
+VM of this kind (matmul ~100 GFLOP/s, no AVX-512; other jobs running, load 5-7,
+--loop-prompts 8): 54.5 against 5.6 tok/s, 9.74x.
 
-Where our time goes on the AVX-512 VM (profiled quiet): the prefill of the 64 prompts takes
-~9 s of the 24.5 (4416 tokens, ~0.9 TFLOP: ~3.7 s at the matmul rate); MLX's CPU wheel is
-built for baseline x86-64, so its exp is scalar code calling libm's fmaf (~13 ns a value):
-the SwiGLU's sigmoid costs ~92 ms a layer on the prefill's (64, 69, 1536) activations, ~2.8 s
-in all, and the attention's softmax ~0.8 s. A decode step at batch 64 takes ~230 ms: the
-matmuls ~100 ms, the attention ~2.1 ms a layer (64 rows x 3 KV heads of small matmuls,
-~65 ms in all), the head ~15 ms, the sampler on the host ~18 ms. The sampler runs in numpy
-because MLX's exp over the (64, 49152) logits would take longer than the rest of sampling.
-Tried and not kept (each side by side, quiet): an exp of MLX elementwise ops under
-mx.compile (the fused kernels are scalar too) took the prefill's SwiGLU from 92 to 77 ms a
-layer, and the whole prefill from 8.8 to 7.6 s only when chunked 16 prompts at a time
-(8.7 s chunked without it): ~5% of this job, for a second exp beside MLX's on the CPU
-whose answers differ from mlx-lm's by float rounding; a layout that gives each row one
-matmul over its 3 KV heads made the decode attention slower (3.6 against 2.1 ms a layer).
+Where the time went before the numpy swiglu (profiled quiet on the AVX-512 VM): the prefill
+of the 64 prompts took ~9 s of the 24.5 (4416 tokens, ~0.9 TFLOP: ~3.7 s at the matmul
+rate). MLX's CPU wheel is built for baseline x86-64, so its exp is scalar code calling
+libm's fmaf (~10-13 ns a value, numpy's ~0.6 with AVX-512): the SwiGLU's sigmoid cost ~100
+ms a layer on the prefill's (64, 69, 1536) activations, ~2.8 s in all (numpy: ~11 ms a
+layer), and ~1.4 ms a layer in a decode step at batch 64 (numpy: 0.06). A decode step at
+batch 64 took ~230 ms: the matmuls ~100 ms, the attention ~2.1 ms a layer (64 rows x 3 KV
+heads of small matmuls, ~65 ms in all), the swiglu ~40 ms, the head ~15 ms, the sampler on
+the host ~18 ms. The sampler runs in numpy because MLX's exp over the (64, 49152) logits
+would take longer than the rest of sampling.
+Tried and not kept (each side by side, quiet): the attention's softmax in numpy as well
+(scores and the weighted sum in MLX): +3% and +7% tok/s, the same answers; its time is in
+the small matmuls, not the exp. An exp of MLX elementwise ops under mx.compile (the fused
+kernels are scalar too) took the prefill's SwiGLU from 92 to 77 ms a layer. A layout that
+gives each row one matmul over its 3 KV heads made the decode attention slower (3.6 against
+2.1 ms a layer).
 """
 
 import argparse

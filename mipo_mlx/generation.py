@@ -29,7 +29,8 @@ the cache objects and the loop are ours):
   batch 16, per-op overhead on small matrices being what limits batch 16;
 - its sampler state is one stream for the whole batch, so an answer depends on its batch.
 The sampler runs on the host in numpy (draw_tokens says why) and sorts only the tokens
-that can be in the nucleus. The step is not mx.compile'd: the caches would go in and out
+that can be in the nucleus; on MLX's CPU backend the MLPs' swiglu runs in numpy too
+(swiglu.host_swiglu: MLX's exp is scalar code there). The step is not mx.compile'd: the caches would go in and out
 of a compiled function as explicit state, and a cache the caller still holds cannot be
 written in place, so each step would copy every layer's cache to write one column; at the
 batches used here the step's time is in its matmuls and MLP activations, not in op dispatch
@@ -47,6 +48,7 @@ from mlx.utils import tree_flatten
 
 from mipo_mlx.scoring import plain_head
 from mipo_mlx.seeds import derived_seed
+from mipo_mlx.swiglu import host_swiglu
 
 # The auto batch: at most this many rows (on a 2-core CPU batch 128 gave only ~1.1x the
 # tokens/s of 64), and its caches at most this share of the memory left beside the weights.
@@ -198,9 +200,11 @@ class BatchDecoder:
         self.prefix_kv = None
         if self.prefix:
             caches = self._caches(1, 0, len(self.prefix))
-            self.model.model(mx.array(self.prefix)[None], cache=caches)
-            self.prefix_kv = [(c.keys[:, :, : len(self.prefix)], c.values[:, :, : len(self.prefix)]) for c in caches]
-            mx.eval(self.prefix_kv)
+            with host_swiglu(model):
+                self.model.model(mx.array(self.prefix)[None], cache=caches)
+                self.prefix_kv = [(c.keys[:, :, : len(self.prefix)], c.values[:, :, : len(self.prefix)])
+                                  for c in caches]
+                mx.eval(self.prefix_kv)
 
     def _caches(self, rows: int, offset, end: int) -> list[RowsCache]:
         prefixes = self.prefix_kv or [None] * len(self.model.layers)
@@ -209,9 +213,10 @@ class BatchDecoder:
     def _forward(self, inputs: mx.array, caches: list[RowsCache], last: mx.array) -> mx.array:
         """Logits (B, V) at column `last` (B,) of each row's new tokens."""
         rows = mx.arange(inputs.shape[0])
-        if self.head is None:
-            return self.model(inputs, cache=caches)[rows, last]
-        return self.head(self.model.model(inputs, cache=caches)[rows, last])  # the head on one position a row
+        with host_swiglu(self.model):  # evaluates each layer's MLP input: the layers up to it run here
+            if self.head is None:
+                return self.model(inputs, cache=caches)[rows, last]
+            return self.head(self.model.model(inputs, cache=caches)[rows, last])  # the head on one position a row
 
     def _prefill(self, indices: list[int]) -> tuple[list[RowsCache], mx.array]:
         """Caches of new rows and their logits at each prompt's last token (G, V)."""

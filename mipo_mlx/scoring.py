@@ -16,7 +16,8 @@ pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own p
 prompt's answers one after another in one row after it (pad_pairs), the same log-probs up to
 float rounding (the trainer's first-step check holds them to the stored reference). A mask
 may cover only the last targets: the vocabulary head then skips the prompt positions before
-it, which score nothing anyway.
+it, which score nothing anyway. score_answers and score_pairs, forwards only, run the MLPs'
+swiglu in numpy on the CPU (swiglu.host_swiglu), as generation does.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from mipo_mlx.chat import encode_answer
+from mipo_mlx.swiglu import host_swiglu
 
 # Pad lengths up to a multiple of this so compiled steps see few distinct shapes.
 PAD_MULTIPLE = 16
@@ -189,8 +191,9 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tupl
         chunk = encoded[start : start + SCORING_ROWS]
         tokens, _ = pad_batch([ids for ids, _ in chunk], [s for _, s in chunk], pad_id)
         # Target t is token t+1: answer tokens start..len-1 are targets start-1..len-2.
-        values = window_logprobs(model, tokens, [(s - 1, len(ids) - 1) for ids, s in chunk])  # (rows,)
-        mx.eval(values)
+        with host_swiglu(model):
+            values = window_logprobs(model, tokens, [(s - 1, len(ids) - 1) for ids, s in chunk])  # (rows,)
+            mx.eval(values)
         logps += values.tolist()
     return logps, [(start, len(ids) - start) for ids, start in encoded]
 
@@ -212,8 +215,9 @@ def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]) -> t
     for start in range(0, len(encoded), SCORING_ROWS // 2):
         chunk = [(c[0][: c[1]], c[0][c[1] :], r[0][r[1] :]) for c, r in encoded[start : start + SCORING_ROWS // 2]]
         prompts, answers, answer_prompts, index = pair_rows(chunk)
-        values = pair_logprobs(model, *pad_pairs(prompts, answers, answer_prompts, pad_id))  # (A,)
-        mx.eval(values)
+        with host_swiglu(model):
+            values = pair_logprobs(model, *pad_pairs(prompts, answers, answer_prompts, pad_id))  # (A,)
+            mx.eval(values)
         values = values.tolist()
         logps += [(values[c], values[r]) for c, r in index.tolist()]
     return logps, counts

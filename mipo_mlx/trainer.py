@@ -17,7 +17,7 @@ scoring.shares_prompts rules it out or with gradient checkpointing), scores answ
 only, and updates the adapter with AdamW (bias-corrected, as torch's and TRL's), warm-up
 then cosine, linear or constant, and gradient clipping, accumulating gradients over
 micro-batches when asked. The vocabulary head and swiglu get backward passes that keep
-less (scoring.head_logprobs, lean_swiglu).
+less (scoring.head_logprobs, swiglu.lean_swiglu).
 
 Besides the DPO loss (dpo.py; DPO-Positive with training.dpop_lambda): an NLL term on the
 chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensitization
@@ -80,7 +80,6 @@ import math
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -91,7 +90,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx_lm.models import activations
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
@@ -115,6 +113,7 @@ from mipo_mlx.scoring import (
     shares_prompts,
 )
 from mipo_mlx.seeds import derived_seed
+from mipo_mlx.swiglu import lean_swiglu
 
 logger = logging.getLogger("mipo_mlx")
 INITIAL_LOSS_TOLERANCE = 1e-4
@@ -279,37 +278,6 @@ def length_desensitized(mask: mx.array, pairs: int, alpha: float) -> mx.array:
     shared = mx.minimum(counts[:pairs], counts[pairs:])
     position = mx.cumsum(mask, axis=-1)  # 1 at each answer's first token
     return mask * mx.where(position <= mx.concatenate([shared, shared])[:, None], 1.0, alpha)
-
-
-@mx.custom_function
-def _lean_swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    return nn.silu(gate) * x
-
-
-@_lean_swiglu.vjp
-def _lean_swiglu_vjp(primals, cotangent, output):
-    gate, x = primals
-    # Not mx.sigmoid: mx.compile would merge it with the forward's and keep that one alive.
-    sigmoid = 1 / (1 + mx.exp(-gate))
-    return cotangent * x * sigmoid * (1 + gate * (1 - sigmoid)), cotangent * gate * sigmoid
-
-
-@contextlib.contextmanager
-def lean_swiglu(model: nn.Module):
-    """mlx-lm's swiglu, for the model's architecture, with a backward that recomputes the sigmoid.
-
-    Autodiff keeps sigmoid(gate) and silu(gate) for the backward: two (rows, T, intermediate)
-    arrays per layer, the largest activations of a LoRA step. Same values, less memory.
-    """
-    module = sys.modules[type(model).__module__]
-    if getattr(module, "swiglu", None) is not activations.swiglu:
-        yield
-        return
-    module.swiglu = _lean_swiglu
-    try:
-        yield
-    finally:
-        module.swiglu = activations.swiglu
 
 
 @contextlib.contextmanager

@@ -35,7 +35,9 @@ from mipo_mlx.rundir import (
 )
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
-# Runs the CLI; with MIPO_TEST_MARKER set, rank 1 writes its pid there before its third step and waits to be killed;
+# Runs the CLI; with MIPO_TEST_MARKER set, rank 1 writes its pid there before its third step, once the folder
+# MIPO_TEST_MARKER_AFTER names exists (rank 0's checkpoint of step 2: on a loaded machine rank 0 may still be writing it),
+# and waits to be killed;
 # with MIPO_TEST_UNREADABLE set, the ranks but rank 0 may not read anything below that folder, as when another
 # machine has a folder of another user at that path (the tests run as root, who reads any folder: no chmod).
 CHILD = """
@@ -57,6 +59,8 @@ if marker:
     real = trainer.Trainer.train_step
     def train_step(self):
         if self.step == 2 and distributed.rank() == 1:
+            while not Path(os.environ["MIPO_TEST_MARKER_AFTER"]).exists():
+                time.sleep(0.05)
             Path(marker).write_text(str(os.getpid()))
             time.sleep(600)
         return real(self)
@@ -170,7 +174,9 @@ def test_three_ranks_split_a_batch_of_4_unevenly_in_one_line_and_take_the_same_s
 
 def test_a_killed_rank_stops_the_other_in_one_line_and_the_run_resumes_on_one_process(folder):
     marker = folder / "rank-1.pid"
-    child = launch(folder, "train", "recipe.yaml", "--set", "run_name=killed", env={"MIPO_TEST_MARKER": str(marker)})
+    run = folder / "runs" / "killed"
+    child = launch(folder, "train", "recipe.yaml", "--set", "run_name=killed",
+                   env={"MIPO_TEST_MARKER": str(marker), "MIPO_TEST_MARKER_AFTER": str(checkpoint_dir(run, 2))})
     try:
         deadline = time.monotonic() + 240
         while not marker.exists() or not marker.read_text():
@@ -188,7 +194,6 @@ def test_a_killed_rank_stops_the_other_in_one_line_and_the_run_resumes_on_one_pr
     # mlx.launch's own warning about the killed rank may share the log line our error starts on.
     said = [line for line in (folder / "launch.log").read_text().splitlines() if "mipo-mlx: error: " in line]
     assert len(said) == 1 and "rank 0 of 2 stopped: another rank of this run ended" in said[0], said
-    run = folder / "runs" / "killed"
     assert list((run / CHECKPOINTS_DIR).iterdir()) == [checkpoint_dir(run, 2)]
 
     cwd = os.getcwd()

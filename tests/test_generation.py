@@ -1,14 +1,17 @@
-"""Generation: answers that do not depend on their batch, mlx-lm's greedy answers, and scoring with the head on answers only.
+"""Generation: answers that do not depend on their batch, mlx-lm's greedy answers, scoring with the head on answers only,
+and numpy's swiglu on the CPU.
 
     python -m pytest -q tests/test_generation.py
 """
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate
+from mlx_lm.models import activations
 from mlx_lm.sample_utils import make_sampler
 
 from mipo_mlx.chat import encode_answer, encode_prompt
@@ -17,6 +20,7 @@ from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import parse_recipe
 from mipo_mlx.rundir import open_run
 from mipo_mlx.scoring import pad_batch, score_answers, score_pairs, target_logprobs
+from mipo_mlx.swiglu import host_swiglu
 from tiny_models import tiny_model
 
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.", "My cat Luna likes",
@@ -140,3 +144,19 @@ def assert_pair_scoring_equals_the_plain_forward(model, tokenizer):
     logps, _ = score_pairs(model, tokenizer, pairs)
     expected = [[plain_logprobs(model, tokenizer, m, answer) for answer in (c, r)] for m, c, r in pairs]
     assert np.allclose(logps, expected, **ROUNDING)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_host_swiglu_gives_mlx_lms_logits_and_is_undone_after_its_block(arch):
+    model, _ = tiny_model(arch, quantized=False)
+    module = sys.modules[type(model).__module__]
+    tokens = mx.array([[1, 5, 9, 2, 7, 3, 8]])
+    expected = model(tokens)
+    with host_swiglu(model):
+        assert module.swiglu is not activations.swiglu  # the CPU backend: numpy's
+        got = model(tokens)
+    assert module.swiglu is activations.swiglu  # training's gradients need MLX's again
+    assert mx.allclose(got, expected, atol=1e-5, rtol=1e-5).item()
+    with pytest.raises(KeyError), host_swiglu(model):
+        raise KeyError("stopped")
+    assert module.swiglu is activations.swiglu
