@@ -14,11 +14,12 @@ time is, for its prefill, the FLOPs at that rate, and for each decode step the l
 its FLOPs at that rate and reading the weights once at that bandwidth; the fraction printed
 is that least time over the measured one.
 
-Measured at COMMIT (the MLP's swiglu in numpy on the CPU: swiglu.host_swiglu), on a quiet VM
+Measured at 932aee6 (the MLP's swiglu in numpy on the CPU: swiglu.host_swiglu), on a quiet VM
 of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC with AVX-512, OpenBLAS, mlx 0.32.4; the
-defaults: 64 prompts, 16 in the loop): ours 3656 tokens in 22.1 s = 165.4 tok/s at batch 64,
-36% of the limit (matmul 229 GFLOP/s, memory 8.3 GB/s: at least 7.9 s for the job); the loop
-17.5 tok/s: 9.46x. The same answers as before it, token for token. Before it (e10526e, the
+defaults: 64 prompts, 16 in the loop), two runs: ours 3656 tokens in 22.1 and 19.9 s = 165.4
+and 183.9 tok/s at batch 64, 36% of the limit both times (matmul 229 and 262 GFLOP/s, memory
+8.3 and 8.5 GB/s); the loop 17.5 and 18.5 tok/s: 9.46x and 9.94x. The same answers as before
+it, token for token. Before it (e10526e, the
 same VM kind): 149.4 against 19.4 tok/s, 7.71x; side by side in one process, quiet, the
 swiglu in numpy against MLX's: 178.6 and 165.0 against 147.3 and 140.3 tok/s. On an earlier
 VM of this kind (matmul ~100 GFLOP/s, no AVX-512; other jobs running, load 5-7,
