@@ -37,7 +37,8 @@ the same batches, so the same count on every side. The first pass over the batch
 (compilation of every batch shape) is not timed. Peak memory is MLX's peak during
 training, the loaded models included, for the MLX sides; max RSS (the whole process,
 loading included) is printed beside it, and is what is compared with TRL's (torch's
-allocations are not MLX's). Goals: at least 2x TRL's tokens/s at at most 0.5x its max
+allocations are not MLX's). torch, installed here for the TRL side, is kept out of the MLX
+sides' processes, as in their own installs: transformers would import it (~0.24 GB). Goals: at least 2x TRL's tokens/s at at most 0.5x its max
 RSS, and at least 2x mlx-lm-lora's at at most 0.45x its peak memory.
 
 Fraction of peak: the step's FLOPs (step_flops, from the model's shapes and each batch's
@@ -73,7 +74,10 @@ The step reaches a smaller share of sgemm on the AVX-512 machine because its mat
 (bench/sampling.py's docstring says why and what was tried). An exp of MLX elementwise ops
 under mx.compile took a (900, 1536) swiglu from 18.2 to 9.0 ms, but its backward was
 slower than lean_swiglu's, and a DPO step of round-2 quickstart pairs did not get faster
-(2.83 against 2.90 s): not kept.
+(2.83 against 2.90 s): not kept. numpy's exp, as generation uses it (swiglu.host_swiglu),
+cannot run under mx.compile; in an uncompiled step (the forward and the backward's sigmoid
+in numpy) 32 round-1 quickstart pairs ran at 195.1 against 189.0 tok/s compiled (+3%), at
+4.70 against 1.83 GB MLX peak: not kept.
 
 Profile of the step on the earlier VM (perf, 6 steps of the defaults): OpenBLAS's sgemm
 ~52% of the samples (its packing copies ~8% of them), MLX's scalar exp ~14%
@@ -97,6 +101,11 @@ import tempfile
 import time
 from pathlib import Path
 from unittest import mock
+
+# torch is in this venv for the TRL side only, and transformers (which mlx-lm imports) imports it whenever it is
+# installed: +0.24 GB of RSS in a process that never uses it. The MLX sides run as installed without torch.
+if "--side" in sys.argv and sys.argv[sys.argv.index("--side") + 1] != "trl":
+    sys.modules["torch"] = None
 
 import mipo_mlx  # before mlx: loads the fast BLAS
 import mlx.core as mx
