@@ -48,21 +48,24 @@ for frozen weights, the head's recomputation not counted) over its time, against
 with the tokens/s the step would reach at that rate throughout. TRL's GFLOP/s are counted
 the same way on its shapes (whole sequences, every position through the head).
 
-Measured at 64cb5ce on a quiet machine of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC
+Measured at e5aa49f on a quiet machine of this kind (Linux x86_64, 2 vCPUs of an AMD EPYC
 with AVX-512, OpenBLAS, mlx 0.32.4, mlx-lm-lora 5.10.2, trl 1.16.0, peft 0.22.0, torch
 2.13.0+cpu, the embedded model in float32; the defaults: 16 pairs, batch 4, 8 timed steps;
-load average 2.9 from the pip install before it, nothing else running):
+load average 2.6, nothing else running):
 
-    mipo-mlx     242.6 tok/s   1.62 GB MLX peak, 2.11 GB max RSS
-    mlx-lm-lora  108.6 tok/s   3.82 GB MLX peak, 3.60 GB max RSS
-    TRL           88.0 tok/s   4.47 GB max RSS
-    against mlx-lm-lora: 2.23x tok/s, 0.42x peak memory
-    against TRL:         2.76x tok/s, 0.47x max RSS
-    the step: 0.426 GFLOP per counted token, 103.3 GFLOP/s = 41% of the sgemm rate
-    beside it (251.5 GFLOP/s): at that rate throughout, 591 tok/s
+    mipo-mlx     243.3 tok/s   1.62 GB MLX peak, 1.87 GB max RSS
+    mlx-lm-lora  110.6 tok/s   3.82 GB MLX peak, 3.35 GB max RSS
+    TRL           90.2 tok/s   4.60 GB max RSS
+    against mlx-lm-lora: 2.20x tok/s, 0.42x peak memory
+    against TRL:         2.70x tok/s, 0.41x max RSS
+    the step: 0.426 GFLOP per counted token, 103.6 GFLOP/s = 40% of the sgemm rate
+    beside it (259.1 GFLOP/s): at that rate throughout, 608 tok/s
 
-TRL's reference log-probs were within 7.0e-3 of ours. The whole run took 5:57. On an
-earlier VM of this kind (sgemm ~93 GFLOP/s, no AVX-512), at 62d6b4e and with other jobs
+TRL's reference log-probs were within 6.9e-3 of ours; the whole run took 5:32. Before
+e5aa49f the MLX sides ran with torch imported: at 932aee6, the same day, ours 242.3 tok/s
+at 2.17 GB max RSS against TRL's 82.4 tok/s at 4.27 GB (2.94x, 0.51x), and at 64cb5ce
+242.6 tok/s at 2.11 GB against 88.0 at 4.47 GB (2.76x, 0.47x): the ratio of max RSS moved
+around the goal with TRL's own spread. On an earlier VM of this kind (sgemm ~93 GFLOP/s, no AVX-512), at 62d6b4e and with other jobs
 running (load 4.7 and 6.0): 3.66x and 4.68x TRL at 0.50x its max RSS, 2.06x and 2.56x
 mlx-lm-lora at 0.45x its peak memory, the step at 57% and 52% of sgemm. There, with
 DPOConfig's default bf16 autocast (not the same model: its log-probs move by up to 0.38),
