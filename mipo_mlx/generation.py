@@ -30,11 +30,12 @@ the cache objects and the loop are ours):
 - its sampler state is one stream for the whole batch, so an answer depends on its batch.
 The sampler runs on the host in numpy (draw_tokens says why) and sorts only the tokens
 that can be in the nucleus; on MLX's CPU backend the MLPs' swiglu runs in numpy too
-(swiglu.host_swiglu: MLX's exp is scalar code there). The step is not mx.compile'd: the caches would go in and out
-of a compiled function as explicit state, and a cache the caller still holds cannot be
-written in place, so each step would copy every layer's cache to write one column; at the
-batches used here the step's time is in its matmuls and MLP activations, not in op dispatch
-(measured on the CPU: ~18 us an op, ~1000 ops a step, ~20 ms of a ~300 ms batch-64 step).
+(swiglu.host_swiglu: MLX's exp is scalar code there). The step is not mx.compile'd: the
+caches would go in and out of a compiled function as explicit state, and a cache the caller
+still holds cannot be written in place, so each step would copy every layer's cache to
+write one column; at the batches used here the step's time is in its matmuls and MLP
+activations, not in op dispatch (measured on the CPU: ~18 us an op, ~1000 ops a step,
+~20 ms of a ~300 ms batch-64 step).
 """
 
 import os

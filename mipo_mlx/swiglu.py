@@ -4,8 +4,9 @@
     with host_swiglu(model): logits = model(tokens)              # a forward only: faster on the CPU
 
 mlx-lm's MLP calls the `swiglu` of its model's module (mlx_lm.models.llama, .qwen2, ...);
-each context manager sets that name for the block and puts back what was there. A model
-whose module has no mlx-lm swiglu there is left alone.
+each context manager sets that name for the block and puts back what was there (MLX work
+runs on one thread here: the CLI's, or the TUI's generation worker). A model whose module
+has no mlx-lm swiglu there is left alone.
 """
 
 import contextlib
