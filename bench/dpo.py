@@ -32,14 +32,15 @@ the same order, padded by each trainer's own collation, with the same max sequen
   LlamaForCausalLM (printed). Its precomputed reference log-probs are printed against
   ours: the same model on the same tokens gives them within float rounding.
 
-Tokens are all non-padding tokens (prompt and answer) of both sequences of each pair:
-the same batches, so the same count on every side. The first pass over the batches
+Tokens are all non-padding tokens (prompt and answer) of both sequences of each pair: the
+same batches, so the same count on every side. The first pass over the batches
 (compilation of every batch shape) is not timed. Peak memory is MLX's peak during
 training, the loaded models included, for the MLX sides; max RSS (the whole process,
 loading included) is printed beside it, and is what is compared with TRL's (torch's
 allocations are not MLX's). torch, installed here for the TRL side, is kept out of the MLX
-sides' processes, as in their own installs: transformers would import it (~0.24 GB). Goals: at least 2x TRL's tokens/s at at most 0.5x its max
-RSS, and at least 2x mlx-lm-lora's at at most 0.45x its peak memory.
+sides' processes, as in their own installs: transformers would import it (~0.24 GB).
+Goals: at least 2x TRL's tokens/s at at most 0.5x its max RSS, and at least 2x
+mlx-lm-lora's at at most 0.45x its peak memory.
 
 Fraction of peak: the step's FLOPs (step_flops, from the model's shapes and each batch's
 padded shapes: forward and backward of the activations and the LoRA, no weight gradient
@@ -65,12 +66,13 @@ TRL's reference log-probs were within 6.9e-3 of ours; the whole run took 5:32. B
 e5aa49f the MLX sides ran with torch imported: at 932aee6, the same day, ours 242.3 tok/s
 at 2.17 GB max RSS against TRL's 82.4 tok/s at 4.27 GB (2.94x, 0.51x), and at 64cb5ce
 242.6 tok/s at 2.11 GB against 88.0 at 4.47 GB (2.76x, 0.47x): the ratio of max RSS moved
-around the goal with TRL's own spread. On an earlier VM of this kind (sgemm ~93 GFLOP/s, no AVX-512), at 62d6b4e and with other jobs
-running (load 4.7 and 6.0): 3.66x and 4.68x TRL at 0.50x its max RSS, 2.06x and 2.56x
-mlx-lm-lora at 0.45x its peak memory, the step at 57% and 52% of sgemm. There, with
-DPOConfig's default bf16 autocast (not the same model: its log-probs move by up to 0.38),
-TRL ran at 125.9 tok/s and 3.83 GB beside our 141.4 tok/s and 2.23 GB: 1.12x and 0.58x;
-the issue's hand measurement (111.7 tok/s, 4.71 GB) ran that default.
+around the goal with TRL's own spread. On an earlier VM of this kind (sgemm ~93 GFLOP/s,
+no AVX-512), at 62d6b4e and with other jobs running (load 4.7 and 6.0): 3.66x and 4.68x
+TRL at 0.50x its max RSS, 2.06x and 2.56x mlx-lm-lora at 0.45x its peak memory, the step
+at 57% and 52% of sgemm. There, with DPOConfig's default bf16 autocast (not the same
+model: its log-probs move by up to 0.38), TRL ran at 125.9 tok/s and 3.83 GB beside our
+141.4 tok/s and 2.23 GB: 1.12x and 0.58x; the issue's hand measurement (111.7 tok/s, 4.71
+GB) ran that default.
 
 The step reaches a smaller share of sgemm on the AVX-512 machine because its matmuls got
 2.7x faster there and its elementwise work did not: MLX's CPU exp is scalar on x86-64

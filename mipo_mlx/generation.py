@@ -201,7 +201,7 @@ class BatchDecoder:
         self.prefix_kv = None
         if self.prefix:
             caches = self._caches(1, 0, len(self.prefix))
-            with host_swiglu(model):
+            with host_swiglu(self.model):
                 self.model.model(mx.array(self.prefix)[None], cache=caches)
                 self.prefix_kv = [(c.keys[:, :, : len(self.prefix)], c.values[:, :, : len(self.prefix)])
                                   for c in caches]

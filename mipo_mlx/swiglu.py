@@ -45,14 +45,14 @@ def _host_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return mx.array(out)
 
 
-SWAPS = (activations.swiglu, _lean_swiglu, _host_swiglu)
+_SWAPS = (activations.swiglu, _lean_swiglu, _host_swiglu)
 
 
 @contextlib.contextmanager
 def _swapped(model: nn.Module, swiglu):
     module = sys.modules[type(model).__module__]
     before = getattr(module, "swiglu", None)
-    if swiglu is None or before not in SWAPS:
+    if swiglu is None or before not in _SWAPS:
         yield
         return
     module.swiglu = swiglu
