@@ -156,7 +156,7 @@ def measure(path: Path, prompts: int, max_tokens: int) -> dict:
     # Each prompt's own answer as chosen, the next prompt's as rejected: two different lengths per prompt.
     items = [(r.messages(), a.text, answers[(i + 1) % len(answers)].text)
              for i, (r, a) in enumerate(zip(records, answers))]
-    pairs, _ = score_pairs(model, tokenizer, items)
+    pairs, _, _ = score_pairs(model, tokenizer, items)
     differences = []
     for (messages, chosen, rejected), scored in zip(items, pairs):
         for answer, value in zip((chosen, rejected), scored):

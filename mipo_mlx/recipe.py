@@ -196,7 +196,8 @@ class TrainingConfig:
         "tokens); 0 turns it off.", min=0.0)
     ld_alpha: Optional[float] = _field(
         None, "Length desensitization (TRL's ld_alpha, LD-DPO): answer tokens past the shorter answer of a pair "
-        "count with this weight in both log-probs; null turns it off.", min=0.0, max=1.0)
+        "count with this weight, in the policy's log-probs and (where TRL leaves them whole) the reference's, so "
+        "that the loss starts at ln 2; null turns it off.", min=0.0, max=1.0)
     dpop_lambda: float = _field(
         0.0, "DPO-Positive (Smaug): the margin loses this much per nat the chosen answer's log-prob falls below "
         "the reference's; 0 turns it off.", min=0.0)

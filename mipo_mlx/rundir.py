@@ -404,7 +404,9 @@ class MipoRecord:
     strategy: str | None = None  # sampling.negative (random_prompt, drop_context, swap_context), or echo
     negative_source: str | None = None  # where the rejected answer's prompt came from, for people to read
     negative_prompt: Messages | None = None  # x': the messages the rejected answer was generated for
-    # {"chosen", "rejected"}: log p_base(answer | prompt), summed over the answer's tokens, both given `prompt`
+    # {"chosen", "rejected"}: log p_base(answer | prompt), summed over the answer's tokens, both given `prompt`;
+    # "chosen_public", "rejected_public": the same over the pair's first min(chosen, rejected) answer tokens, what
+    # training.ld_alpha's reference needs (absent where scoring.score_pairs could not run the model's pairs)
     ref_logps: dict | None = None
     pmi: float | None = None  # ref_logps chosen - rejected: the pair's pointwise mutual information estimate
     tokens: dict | None = None  # {"prompt", "chosen", "rejected"}: token counts, answers with their end of turn
@@ -461,6 +463,14 @@ class Pair:
         refs = self.mipo.ref_logps if self.mipo else None
         return (refs["chosen"], refs["rejected"]) if refs else None
 
+    @property
+    def ref_public_logps(self) -> tuple[float, float] | None:
+        """The stored reference log-probs of the public parts (chosen, rejected), or None when the pair has none."""
+        refs = self.mipo.ref_logps if self.mipo else None
+        if not refs or "chosen_public" not in refs or "rejected_public" not in refs:
+            return None
+        return refs["chosen_public"], refs["rejected_public"]
+
     def to_json(self) -> dict:
         record = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
         if self.mipo is not None:
@@ -483,6 +493,9 @@ class Pair:
         if refs is not None and not (isinstance(refs, dict) and all(
                 isinstance(refs.get(side), (int, float)) for side in ("chosen", "rejected"))):
             raise ValueError("'mipo.ref_logps' needs numbers 'chosen' and 'rejected'")
+        if refs is not None and not all(isinstance(refs.get(side, 0.0), (int, float))
+                                        for side in ("chosen_public", "rejected_public")):
+            raise ValueError("'mipo.ref_logps' 'chosen_public' and 'rejected_public' must be numbers")
         return cls(record["prompt"], record["chosen"], record["rejected"], meta)
 
 

@@ -151,9 +151,10 @@ class StreamedAnswers:
         return self.answers[request.id]
 
 
-def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[float, float], tokens: dict,
-              sampling, model: str, seed: int) -> Pair:
-    """The pairs.jsonl record of a planned pair: its answers, their reference log-probs (chosen, rejected) and counts."""
+def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[float, float],
+              public: tuple[float, float] | None, tokens: dict, sampling, model: str, seed: int) -> Pair:
+    """The pairs.jsonl record of a planned pair: its answers, their reference log-probs (chosen, rejected), the same
+    over their public part (score_pairs) and counts."""
     return Pair(
         prompt=plan.record.messages(),
         chosen=[{"role": "assistant", "content": chosen.text}],
@@ -164,7 +165,8 @@ def make_pair(plan: PairPlan, chosen: Answer, rejected: Answer, logps: tuple[flo
             strategy=plan.strategy,
             negative_source=plan.negative_source,
             negative_prompt=plan.rejected.messages,
-            ref_logps={"chosen": logps[0], "rejected": logps[1]},
+            ref_logps={"chosen": logps[0], "rejected": logps[1],
+                       **({"chosen_public": public[0], "rejected_public": public[1]} if public else {})},
             pmi=logps[0] - logps[1],
             tokens=tokens,
             finish={"chosen": _finish(chosen), "rejected": _finish(rejected)},
@@ -182,9 +184,9 @@ def sample_pairs(plans: list[PairPlan], answers: StreamedAnswers, recipe, seed: 
     sides = [(answers.get(plan.chosen), answers.get(plan.rejected)) for plan in plans]
     # Both answers are scored as answers to the full prompt x.
     items = [(plan.record.messages(), chosen.text, rejected.text) for plan, (chosen, rejected) in zip(plans, sides)]
-    logps, counts = score_pairs(loaded.model, loaded.tokenizer, items)
-    return [make_pair(plan, chosen, rejected, pair_logps, tokens, recipe.sampling, loaded.source, seed)
-            for plan, (chosen, rejected), pair_logps, tokens in zip(plans, sides, logps, counts)]
+    logps, publics, counts = score_pairs(loaded.model, loaded.tokenizer, items)
+    return [make_pair(plan, chosen, rejected, pair_logps, public, tokens, recipe.sampling, loaded.source, seed)
+            for plan, (chosen, rejected), pair_logps, public, tokens in zip(plans, sides, logps, publics, counts)]
 
 
 def drop_reason(pair: Pair, sampling) -> str | None:

@@ -4,7 +4,7 @@
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
     logps = pair_logprobs(model, *pad_pairs(*pair_rows(pairs)[:3], pad_id))  # (A,): each distinct answer once
     logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
-    logps, counts = score_pairs(model, tokenizer, [(messages, chosen, rejected), ...])  # (chosen, rejected) floats
+    logps, publics, counts = score_pairs(model, tokenizer, [(messages, chosen, rejected), ...])  # (chosen, rejected)
 
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
 score_answers (the reference pass of pairs without one before training, compare's rewards)
@@ -198,29 +198,37 @@ def score_answers(model, tokenizer, items: list[tuple[list[dict], str]]) -> tupl
     return logps, [(start, len(ids) - start) for ids, start in encoded]
 
 
-def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]) -> tuple[list[tuple[float, float]], list[dict]]:
-    """log p(chosen | messages) and log p(rejected | messages) for (messages, chosen, rejected) items, and token counts.
+def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]
+                ) -> tuple[list[tuple[float, float]], list[tuple[float, float] | None], list[dict]]:
+    """log p(chosen | messages) and log p(rejected | messages) for (messages, chosen, rejected) items, the same over
+    each pair's first min(chosen, rejected) answer tokens (LD-DPO's public part, which training.ld_alpha weighs 1), and
+    token counts {"prompt", "chosen", "rejected"}.
 
     Each distinct prompt and answer runs once (pair_rows and pair_logprobs, as the DPO step scores
-    them) where shares_prompts allows it; otherwise score_answers. Counts: {"prompt", "chosen", "rejected"}.
+    them) where shares_prompts allows it; otherwise score_answers, without the public parts (None).
     """
     encoded = [[encode_answer(tokenizer, messages, answer) for answer in (chosen, rejected)]
                for messages, chosen, rejected in items]
     counts = [{"prompt": c[1], "chosen": len(c[0]) - c[1], "rejected": len(r[0]) - r[1]} for c, r in encoded]
     if not shares_prompts(model):
         logps, _ = score_answers(model, tokenizer, [(m, answer) for m, c, r in items for answer in (c, r)])
-        return list(zip(logps[0::2], logps[1::2])), counts
+        return list(zip(logps[0::2], logps[1::2])), [None] * len(items), counts
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logps = []
+    logps, publics = [], []
     for start in range(0, len(encoded), SCORING_ROWS // 2):
         chunk = [(c[0][: c[1]], c[0][c[1] :], r[0][r[1] :]) for c, r in encoded[start : start + SCORING_ROWS // 2]]
         prompts, answers, answer_prompts, index = pair_rows(chunk)
+        *arrays, mask = pad_pairs(prompts, answers, answer_prompts, pad_id)
+        rows = mx.array(index)  # (B, 2) each pair's answer rows
         with host_swiglu(model):
-            values = pair_logprobs(model, *pad_pairs(prompts, answers, answer_prompts, pad_id))  # (A,)
-            mx.eval(values)
+            tokens = pair_token_logprobs(model, *arrays) * mask  # (A, L)
+            public = mx.arange(mask.shape[1])[None] < mask.sum(axis=1)[rows].min(axis=1)[:, None]  # (B, L)
+            values, public_values = tokens.sum(axis=-1), (tokens[rows] * public[:, None]).sum(axis=-1)  # (A,), (B, 2)
+            mx.eval(values, public_values)
         values = values.tolist()
         logps += [(values[c], values[r]) for c, r in index.tolist()]
-    return logps, counts
+        publics += [tuple(pair) for pair in public_values.tolist()]
+    return logps, publics, counts
 
 
 def shares_prompts(model) -> bool:
@@ -291,6 +299,14 @@ def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.a
     """Summed log-probs of A answers, each after its prompt: (A,). Arrays from pad_pairs.
 
     The mask may be weights, or a stack of them (K, A, L): then the K weighted sums, (K, A).
+    """
+    return (pair_token_logprobs(model, prompts, left_padding, packed, step, place) * mask).sum(axis=-1)
+
+
+def pair_token_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.array, step: mx.array,
+                        place: mx.array) -> mx.array:
+    """Log-probs of A answers' tokens, each answer after its prompt: (A, L), token l of answer a at [a, l] (past an
+    answer's end: pad_pairs' mask is 0 there). Arrays from pad_pairs but the mask.
 
     Each prompt goes through the model once for all its answers, and its answers one after
     another in one row: where whole sequences would run the prompt once per answer and pad
@@ -304,4 +320,4 @@ def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.a
     columns = mx.where(step == 0, 0, mx.arange(packed.shape[1])[None])  # (P, T) into [last, hidden]
     predictors = mx.take_along_axis(mx.concatenate([last, hidden], axis=1), columns[..., None], axis=1)  # (P, T, D)
     logps = head_logprobs(plain_head(model), predictors, packed).reshape(-1)  # (P * T,)
-    return (logps[place] * mask).sum(axis=-1)
+    return logps[place]

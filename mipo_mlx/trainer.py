@@ -22,8 +22,10 @@ less (scoring.head_logprobs, swiglu.lean_swiglu).
 Besides the DPO loss (dpo.py; DPO-Positive with training.dpop_lambda): an NLL term on the
 chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensitization
 (training.ld_alpha: answer tokens past the shorter answer of a pair count with weight
-alpha, in the policy's and in the reference's log-probs, which are then scored once here
-by the model as training starts: the base, or in a later round the previous round's model).
+alpha, in the policy's and in the reference's log-probs; TRL weighs the policy's alone, so
+its loss does not start at ln 2. The weighted reference comes from the pairs file's whole
+and public log-probs, or for pairs without the latter is scored once here by the model as
+training starts: the base, or in a later round the previous round's model).
 
 Held-out evidence (fit): every training.eval_every steps (and at the last step, which takes
 the place of a periodic one less than half an interval before it) the held-out pairs' DPO metrics,
@@ -134,6 +136,7 @@ class Example:
     ref_chosen: float
     ref_rejected: float
     context: str = ""  # the prompt's system messages: what the training probe checks its answers copy
+    ref_public: tuple[float, float] | None = None  # reference log-probs of the pair's public parts (chosen, rejected)
 
     @property
     def length(self) -> int:
@@ -168,9 +171,11 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
         if max(chosen[1], rejected[1]) >= max_seq_length:
             continue  # the prompt alone fills the context: nothing to score
         prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
+        # Cut answers have other public parts than the stored ones.
+        whole = max(len(chosen[0]), len(rejected[0])) <= max_seq_length
         examples.append(Example(
             str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            ref_chosen, ref_rejected, context_of(messages),
+            ref_chosen, ref_rejected, context_of(messages), pair.ref_public_logps if whole else None,
         ))
     return examples
 
@@ -332,8 +337,15 @@ class Trainer:
         return mx.stack([mask, length_desensitized(mask, pairs, self.training.ld_alpha)])
 
     def length_desensitized_references(self, *splits: list[Example]) -> list[list[Example]]:
-        """The splits with reference log-probs weighted as the policy's will be, scored once by the model as it is
-        before the first step: the reference (a new adapter is zero; a later round's starts as the previous round's)."""
+        """The splits with reference log-probs weighted as the policy's will be: from the stored whole and public
+        log-probs (public + alpha * (whole - public)) where every pair has them, else scored once by the model as it
+        is before the first step, the reference (a new adapter is zero; a later round's starts as the previous
+        round's)."""
+        alpha = self.training.ld_alpha
+        if all(e.ref_public for examples in splits for e in examples):
+            return [[dataclasses.replace(e, ref_chosen=alpha * e.ref_chosen + (1 - alpha) * e.ref_public[0],
+                                         ref_rejected=alpha * e.ref_rejected + (1 - alpha) * e.ref_public[1])
+                     for e in examples] for examples in splits]
         weighted = []
 
         def scored(indices: list[int], examples: list[Example]) -> list[list[float]]:

@@ -90,10 +90,12 @@ def test_pairs_are_byte_identical_at_sampling_batch_1_7_and_64(tmp_path, tiny_mo
     assert files[0] == files[1] == files[2]
 
 
-def plain_logprobs(model, tokenizer, messages, answer) -> float:
-    """log p(answer | messages) from the model's whole logits, one sequence at a time."""
+def plain_logprobs(model, tokenizer, messages, answer, first: int | None = None) -> float:
+    """log p(answer | messages) from the model's whole logits, one sequence at a time; of its first tokens only."""
     ids, start = encode_answer(tokenizer, messages, answer)
     tokens, mask = pad_batch([ids], [start], 0)
+    if first is not None:
+        mask = mask * (mx.cumsum(mask, axis=-1) <= first)
     return (target_logprobs(model(tokens[:, :-1]), tokens[:, 1:]) * mask).sum().item()
 
 
@@ -135,15 +137,22 @@ def test_pair_scoring_equals_the_plain_forward(arch, quantized):
 
 def assert_pair_scoring_equals_the_plain_forward(model, tokenizer):
     """score_pairs (each prompt once, its distinct answers one after another in one row) against each answer's whole
-    sequence alone, with pairs that share their prompt and chosen answer (k negatives, an echo pair)."""
+    sequence alone, with pairs that share their prompt and chosen answer (k negatives, an echo pair): whole answers
+    and their public parts (the pair's shorter answer's length: a shared chosen answer has one per pair)."""
     items = scoring_items()
     pairs = []
     for n, (m, a) in enumerate(items):  # the first three prompts with a second negative beside the first
         pairs += [(m, a, negative) for negative in [items[(n + 1) % len(items)][1],
                                                     "a second negative, longer than most of the answers here"][: 1 + (n < 3)]]
-    logps, _ = score_pairs(model, tokenizer, pairs)
+    logps, publics, counts = score_pairs(model, tokenizer, pairs)
     expected = [[plain_logprobs(model, tokenizer, m, answer) for answer in (c, r)] for m, c, r in pairs]
     assert np.allclose(logps, expected, **ROUNDING)
+    shorter = [min(count["chosen"], count["rejected"]) for count in counts]
+    assert any(shorter[2 * n] != shorter[2 * n + 1] for n in range(3))  # a chosen answer with two public lengths
+    expected = [[plain_logprobs(model, tokenizer, m, answer, n) for answer in (c, r)]
+                for (m, c, r), n in zip(pairs, shorter)]
+    assert np.allclose(publics, expected, **ROUNDING)
+    assert not np.allclose(publics, logps, **ROUNDING)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -103,9 +103,9 @@ def test_round_two_pairs_are_sampled_and_scored_by_the_round_one_model_with_new_
     loaded = load_model(str(tiny_model_dirs[("llama", False)]))
     use_adapter(loaded.model, runs / "two" / "adapters")  # the adapter round 1 ended with
     items = [(p.prompt_messages(), p.chosen_text, p.rejected_text) for p in second]
-    adapted, _ = score_pairs(loaded.model, loaded.tokenizer, items)
+    adapted, _, _ = score_pairs(loaded.model, loaded.tokenizer, items)
     with adapter_disabled(loaded.model):
-        base, _ = score_pairs(loaded.model, loaded.tokenizer, items)
+        base, _, _ = score_pairs(loaded.model, loaded.tokenizer, items)
     stored = [p.ref_logps for p in second]
     assert [value for pair in adapted for value in pair] == pytest.approx([v for pair in stored for v in pair], abs=1e-5)
     assert max(abs(s - b) for pair, base_pair in zip(stored, base) for s, b in zip(pair, base_pair)) > 0.01

@@ -33,7 +33,7 @@ from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
 from mipo_mlx.rundir import MipoRecord, Pair, is_held_out, open_run, read_checkpoint_state, write_checkpoint_state
-from mipo_mlx.scoring import answer_logprobs, pad_batch
+from mipo_mlx.scoring import answer_logprobs, pad_batch, score_pairs
 
 PAIRS = [
     ("What should I cook tonight?", "I live in Paris.", "Une soupe à l'oignon.", "A burger."),
@@ -446,6 +446,28 @@ def test_length_desensitization_reweights_policy_and_reference_alike():
     # alpha 1 is plain DPO.
     same, _ = ld_trainer(1.0)
     assert [e.ref_chosen for e in same.train_examples] == pytest.approx([e.ref_chosen for e in examples[:6]], abs=1e-4)
+
+
+def test_length_desensitized_references_come_from_the_stored_public_parts_as_from_scoring_again():
+    model, tokenizer = tiny_model("llama", quantized=False)
+    apply_lora(model, LoraConfig(rank=4))
+    plain = [Pair(f"{context} {question}", chosen, rejected) for question, context, chosen, rejected in PAIRS]
+    logps, publics, _ = score_pairs(model, tokenizer, [(p.prompt_messages(), p.chosen, p.rejected) for p in plain])
+    pairs = [dataclasses.replace(p, mipo=MipoRecord(ref_logps={"chosen": c, "rejected": r, "chosen_public": pc,
+                                                               "rejected_public": pr}))
+             for p, (c, r), (pc, pr) in zip(plain, logps, publics)]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    training = TrainingConfig(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, ld_alpha=0.5)
+    stored = trainer_module.Trainer(model, tokenizer, examples[:6], examples[6:], training, seed=0)
+    unstored = [dataclasses.replace(e, ref_public=None) for e in examples]  # a pairs file without them: scored
+    scored = trainer_module.Trainer(model, tokenizer, unstored[:6], unstored[6:], training, seed=0)
+    refs = [[r for e in t.train_examples + t.held_out for r in (e.ref_chosen, e.ref_rejected)] for t in (stored, scored)]
+    assert refs[0] == pytest.approx(refs[1], abs=1e-4)
+    # Without a pass: half the whole answer's and half its public part's stored log-prob.
+    assert refs[0] == [0.5 * whole + 0.5 * public for pair in zip(logps, publics) for whole, public in zip(*pair)]
+    assert refs[0] != pytest.approx([r for e in examples for r in (e.ref_chosen, e.ref_rejected)], abs=1e-2)
+    model.train()
+    assert stored.train_step()["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
 
 
 def test_infonce_takes_each_prompt_chosen_answer_against_all_its_negatives_at_once():
