@@ -233,7 +233,7 @@ def step_flops(shape: dict, blocks: list[tuple[int, int, int]], head_positions: 
 
 def our_blocks(batch: tuple) -> tuple[list[tuple[int, int, int]], int]:
     """step_flops' blocks and head positions for one of our collated batches."""
-    if len(batch) == 6:  # each distinct prompt once, then its distinct answers in its row (scoring.pair_logprobs)
+    if len(batch) == 6:  # each distinct prompt once, then its distinct answers in its row (scoring.pair_token_logprobs)
         (prompts, prompt), answers = batch[0].shape, batch[2].shape[1]
         return [(prompts, prompt, prompt), (prompts, answers, prompt + answers)], prompts * answers
     (rows, width), scored = batch[0].shape, batch[1].shape[1]  # whole sequences, the head on the last targets

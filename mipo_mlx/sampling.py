@@ -12,7 +12,7 @@ answer is that context itself (strategy "echo"), in the rounds from sampling.ech
 on: the answer that PMI with the context favours most, which a model trained on PMI alone
 learns to give.
 Both are stored as answers to the full prompt x, with log p_base(answer | x) summed over
-answer tokens (scoring.score_pairs: chat.encode_answer and scoring.pair_logprobs,
+answer tokens (scoring.score_pairs: chat.encode_answer and scoring.pair_token_logprobs,
 exactly what the trainer uses), so DPO needs no reference model. The pairs go to
 RUN_DIR/pairs.jsonl as rundir.Pair records, through rundir.PairsWriter.
 

@@ -2,7 +2,8 @@
 
     tokens, mask = pad_batch([ids_a, ids_b], [start_a, start_b], pad_id)
     logps = answer_logprobs(model, tokens, mask)     # (B,) log p(answer | prompt)
-    logps = pair_logprobs(model, *pad_pairs(*pair_rows(pairs)[:3], pad_id))  # (A,): each distinct answer once
+    *arrays, mask = pad_pairs(*pair_rows(pairs)[:3], pad_id)
+    logps = (pair_token_logprobs(model, *arrays) * mask).sum(axis=-1)  # (A,): each distinct answer once
     logps, counts = score_answers(model, tokenizer, [(messages, answer), ...])  # floats, chat-encoded
     logps, publics, counts = score_pairs(model, tokenizer, [(messages, chosen, rejected), ...])  # (chosen, rejected)
 
@@ -10,7 +11,7 @@ Only answer tokens count (the mask is aligned with the targets, padding never sc
 score_answers (the reference pass of pairs without one before training, compare's rewards)
 runs the vocabulary head on the answer positions only (window_logprobs); answer_logprobs
 scores whole sequences for the trainer and export's checks. score_pairs (the reference pass
-at sampling time) and the DPO step score pairs with pair_logprobs where the model allows it:
+at sampling time) and the DPO step score pairs with pair_token_logprobs where the model allows it:
 each distinct prompt runs once for all its answers and each distinct answer once for all its
 pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), a
 prompt's answers one after another in one row after it (pad_pairs), the same log-probs up to
@@ -55,7 +56,8 @@ def pad_batch(sequences: list[list[int]], answer_starts: list[int], pad_id: int)
 
 
 def pad_pairs(prompts: list[list[int]], answers: list[list[int]], answer_prompts: list[int], pad_id: int):
-    """P prompts and A answers, answer a after prompt answer_prompts[a], as pair_logprobs takes them.
+    """P prompts and A answers, answer a after prompt answer_prompts[a], as pair_token_logprobs takes them (and the
+    mask).
 
     Returns prompts left-padded (P, W) and their left padding (P,); each prompt's answers one
     after another in its row (P, T), right-padded, with each token's index in its answer
@@ -204,7 +206,7 @@ def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]
     each pair's first min(chosen, rejected) answer tokens (LD-DPO's public part, which training.ld_alpha weighs 1), and
     token counts {"prompt", "chosen", "rejected"}.
 
-    Each distinct prompt and answer runs once (pair_rows and pair_logprobs, as the DPO step scores
+    Each distinct prompt and answer runs once (pair_rows and pair_token_logprobs, as the DPO step scores
     them) where shares_prompts allows it; otherwise score_answers, without the public parts (None).
     """
     encoded = [[encode_answer(tokenizer, messages, answer) for answer in (chosen, rejected)]
@@ -232,7 +234,7 @@ def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]
 
 
 def shares_prompts(model) -> bool:
-    """Whether pair_logprobs can run this model: a plain head and full attention in every layer."""
+    """Whether pair_token_logprobs can run this model: a plain head and full attention in every layer."""
     return plain_head(model) is not None and getattr(model.model, "swa_idx", None) is None
 
 
@@ -292,15 +294,6 @@ def token_positions(model):
         yield
     finally:
         cls.__call__ = original
-
-
-def pair_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.array, step: mx.array,
-                  place: mx.array, mask: mx.array) -> mx.array:
-    """Summed log-probs of A answers, each after its prompt: (A,). Arrays from pad_pairs.
-
-    The mask may be weights, or a stack of them (K, A, L): then the K weighted sums, (K, A).
-    """
-    return (pair_token_logprobs(model, prompts, left_padding, packed, step, place) * mask).sum(axis=-1)
 
 
 def pair_token_logprobs(model, prompts: mx.array, left_padding: mx.array, packed: mx.array, step: mx.array,

@@ -111,8 +111,8 @@ from mipo_mlx.rundir import (
     no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
 )
 from mipo_mlx.scoring import (
-    PAD_MULTIPLE, SCORING_ROWS, answer_logprobs, pad_batch, pad_pairs, pair_logprobs, pair_rows, score_answers,
-    shares_prompts,
+    PAD_MULTIPLE, SCORING_ROWS, pad_batch, pad_pairs, pair_rows, pair_token_logprobs, score_answers, shares_prompts,
+    token_logprobs,
 )
 from mipo_mlx.seeds import derived_seed
 from mipo_mlx.swiglu import lean_swiglu
@@ -209,12 +209,11 @@ def make_batches(examples: list[Example], batch_size: int, whole_groups: bool) -
     return batches + [batch] if batch else batches
 
 
-def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool, distinct: bool = True):
-    """A batch as batch_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), each pair's
+def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool):
+    """A batch as batch_token_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), each pair's
     prompt_groups number (B,), refs (B, 2), real tokens (an int: both whole sequences of every pair).
 
-    shared_prompts: pad_pairs' arrays, each distinct prompt and answer once (pair_rows), or with
-    distinct False each pair's own two answers (what ld_alpha's per-pair weights need).
+    shared_prompts: pad_pairs' arrays, each distinct prompt and answer once (pair_rows).
     Otherwise whole sequences, tokens (2B, T) and a mask (2B, W) over the last W targets, from
     the batch's first answer token (rounded down so that few shapes compile): the vocabulary
     head skips the prompt before it.
@@ -226,22 +225,33 @@ def collate(examples: list[Example], indices: list[int], pad_id: int, shared_pro
     numbers = {}
     group = np.array([numbers.setdefault(examples[i].group, len(numbers)) for i in indices], dtype=np.int32)  # (B,)
     if shared_prompts:
-        if distinct:
-            prompts, answers, answer_prompts, pairs = pair_rows(
-                [(examples[i].prompt, *(ids[start:] for ids, start in (examples[i].chosen, examples[i].rejected)))
-                 for i in indices])
-        else:
-            prompts, answers = [examples[i].prompt for i in indices], [ids[start:] for ids, start in rows]
-            answer_prompts = [n % len(indices) for n in range(len(answers))]
+        prompts, answers, answer_prompts, pairs = pair_rows(
+            [(examples[i].prompt, *(ids[start:] for ids, start in (examples[i].chosen, examples[i].rejected)))
+             for i in indices])
         return pad_pairs(prompts, answers, answer_prompts, pad_id), mx.array(pairs), mx.array(group), refs, real_tokens
     tokens, mask = pad_batch([ids for ids, _ in rows], [start for _, start in rows], pad_id)
     first = (min(start for _, start in rows) - 1) // PAD_MULTIPLE * PAD_MULTIPLE
     return (tokens, mask[:, first:]), mx.array(pairs), mx.array(group), refs, real_tokens
 
 
-def batch_logprobs(model, batch: tuple, shared_prompts: bool) -> mx.array:
-    """Summed answer log-probs of the rows of a batch collated with the same shared_prompts: (rows,)."""
-    return (pair_logprobs if shared_prompts else answer_logprobs)(model, *batch)
+def batch_token_logprobs(model, batch: tuple, shared_prompts: bool) -> mx.array:
+    """Answer-token log-probs of the rows of a batch collated with the same shared_prompts, 0 off the answers:
+    (rows, W), in the columns of the batch's mask."""
+    *arrays, mask = batch
+    if shared_prompts:
+        return pair_token_logprobs(model, *arrays) * mask
+    tokens = arrays[0]
+    return token_logprobs(model, tokens, tokens.shape[1] - 1 - mask.shape[-1]) * mask
+
+
+def pair_sums(tokens: mx.array, mask: mx.array, pairs: mx.array, ld_alpha: float | None) -> tuple[mx.array, mx.array]:
+    """Each pair's (chosen, rejected) answer log-probs, summed (B, 2), and weighted by training.ld_alpha when it is set
+    (else the same sums), from its rows' token log-probs and mask (rows, W) (batch_token_logprobs)."""
+    answers = tokens[pairs]  # (B, 2, W)
+    whole = answers.sum(axis=-1)
+    if ld_alpha is None:
+        return whole, whole
+    return whole, (answers * length_desensitized(mask[pairs], ld_alpha)).sum(axis=-1)
 
 
 def same_prompts(examples: list[Example]) -> bool:
@@ -277,12 +287,12 @@ def schedule(training, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(peak / (warmup + 1), peak, warmup), after], [warmup])
 
 
-def length_desensitized(mask: mx.array, pairs: int, alpha: float) -> mx.array:
-    """TRL's ld_alpha weights (2B, W): 1 on a pair's first min(chosen, rejected) answer tokens, alpha after them."""
-    counts = mask.sum(axis=-1)  # (2B,) chosen rows, then rejected rows
-    shared = mx.minimum(counts[:pairs], counts[pairs:])
-    position = mx.cumsum(mask, axis=-1)  # 1 at each answer's first token
-    return mask * mx.where(position <= mx.concatenate([shared, shared])[:, None], 1.0, alpha)
+def length_desensitized(masks: mx.array, alpha: float) -> mx.array:
+    """TRL's ld_alpha weights of pairs' (chosen, rejected) answer masks (B, 2, W): 1 on a pair's first min(chosen,
+    rejected) answer tokens (its public part), alpha after them."""
+    public = masks.sum(axis=-1).min(axis=1)  # (B,)
+    position = mx.cumsum(masks, axis=-1)  # 1 at each answer's first token
+    return masks * mx.where(position <= public[:, None, None], 1.0, alpha)
 
 
 @contextlib.contextmanager
@@ -312,8 +322,6 @@ class Trainer:
         # Gradient checkpointing recomputes each layer, which would run a shared prompt's cache twice.
         self.shared_prompts = (shares_prompts(model) and not training.grad_checkpoint
                                and same_prompts(train) and same_prompts(held_out))
-        # ld_alpha weighs each pair's answers by the pair's shorter one: no answer row can serve two pairs.
-        self.distinct = training.ld_alpha is None
         self.batches = make_batches(train, training.batch_size, whole_groups=training.loss == "infonce")
         steps_per_epoch = math.ceil(len(self.batches) / training.grad_accumulation)
         self.total_steps = steps_per_epoch * training.epochs
@@ -329,12 +337,6 @@ class Trainer:
         if training.ld_alpha is not None:
             self.train_examples, self.held_out = self.length_desensitized_references(train, held_out)
         self._compile()
-
-    def weights(self, mask: mx.array, pairs: int) -> mx.array:
-        """(K, 2B, W): the answer mask, then the length-desensitized weights when training.ld_alpha is set."""
-        if self.training.ld_alpha is None:
-            return mask[None]
-        return mx.stack([mask, length_desensitized(mask, pairs, self.training.ld_alpha)])
 
     def length_desensitized_references(self, *splits: list[Example]) -> list[list[Example]]:
         """The splits with reference log-probs weighted as the policy's will be: from the stored whole and public
@@ -352,11 +354,9 @@ class Trainer:
             refs = []
             for start in range(0, len(indices), self.training.batch_size):
                 batch_indices = indices[start : start + self.training.batch_size]
-                batch, pairs, _, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts,
-                                                self.distinct)
-                logps = batch_logprobs(self.model, (*batch[:-1], self.weights(batch[-1], len(batch_indices))[-1]),
-                                       self.shared_prompts)
-                refs += logps[pairs].tolist()
+                batch, pairs, _, _, _ = collate(examples, batch_indices, self.pad_id, self.shared_prompts)
+                tokens = batch_token_logprobs(self.model, batch, self.shared_prompts)
+                refs += pair_sums(tokens, batch[-1], pairs, alpha)[1].tolist()
             return refs
 
         self.model.eval()
@@ -378,8 +378,9 @@ class Trainer:
         t = self.training
         mask = batch[-1]
         counts = mask.sum(axis=-1)[pairs]  # (B, 2) answer tokens of each pair's answers
-        logps = batch_logprobs(model, (*batch[:-1], self.weights(mask, refs.shape[0])), self.shared_prompts)  # (K, rows)
-        pc, pr = logps[-1, pairs[:, 0]], logps[-1, pairs[:, 1]]  # length-desensitized when training.ld_alpha is set
+        tokens = batch_token_logprobs(model, batch, self.shared_prompts)  # (rows, W)
+        whole, weighted = pair_sums(tokens, mask, pairs, t.ld_alpha)  # (B, 2) each
+        pc, pr = weighted[:, 0], weighted[:, 1]  # length-desensitized when training.ld_alpha is set
         if t.loss == "infonce":
             same = group[:, None] == group[None, :]  # (B, B): pairs of one prompt and chosen answer
             # Row b: its group's chosen answer against all the group's negatives, so each group's loss
@@ -398,7 +399,7 @@ class Trainer:
         metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr)
         if t.nll_weight:
             # TRL's "sft" loss: cross-entropy over all chosen tokens of the batch, not a mean of per-answer means.
-            metrics["nll_loss"] = -logps[0, pairs[:, 0]].sum() / counts[:, 0].sum()
+            metrics["nll_loss"] = -whole[:, 0].sum() / counts[:, 0].sum()
             loss = loss + t.nll_weight * metrics["nll_loss"]
         metrics["loss"] = loss
         return loss, metrics
@@ -433,7 +434,7 @@ class Trainer:
             mine = [i for group in distributed.share(prompt_groups(self.train_examples, indices)) for i in group]
             loss_share, pair_share = self.loss_share(self.train_examples, mine, indices), len(mine) / len(indices)
             batch, pairs, group, refs, real_tokens = collate(self.train_examples, mine or indices[:1], self.pad_id,
-                                                             self.shared_prompts, self.distinct)
+                                                             self.shared_prompts)
             metrics, grads = self._grad_step(batch, pairs, group, refs)
             if (loss_share, pair_share) != (1, 1):
                 grads = tree_map(lambda g: g * loss_share, grads)
@@ -462,7 +463,7 @@ class Trainer:
             mine = [i for group in distributed.share(prompt_groups(self.held_out, indices)) for i in group]
             if not mine:
                 continue
-            batch, pairs, group, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts, self.distinct)
+            batch, pairs, group, refs, _ = collate(self.held_out, mine, self.pad_id, self.shared_prompts)
             _, metrics = self._loss(self.model, batch, pairs, group, refs)
             # The loss is a mean over its units (loss_share), the other metrics over pairs.
             share = {"loss": self.loss_share(self.held_out, mine, everything)}
@@ -498,8 +499,7 @@ class Trainer:
         would make the policy differ from the model that scored.
         """
         t, indices = self.training, self.next_micro_batches()[0][0]
-        batch, pairs, group, refs, _ = collate(self.train_examples, indices, self.pad_id, self.shared_prompts,
-                                               self.distinct)
+        batch, pairs, group, refs, _ = collate(self.train_examples, indices, self.pad_id, self.shared_prompts)
         _, metrics = self._loss(self.model.eval(), batch, pairs, group, refs)
         nll = metrics["nll_loss"].item() if "nll_loss" in metrics else 0.0
         negatives = [len(g) for g in prompt_groups(self.train_examples, indices)] if t.loss == "infonce" else [1]

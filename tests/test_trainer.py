@@ -209,8 +209,8 @@ def test_an_update_that_changes_nothing_stops_the_run(tmp_path, tiny_model_dirs,
 def test_zero_gradient_stops_the_run(tmp_path, tiny_model_dirs, monkeypatch):
     """The bug other MLX DPO trainers shipped: policy log-probs outside the differentiated graph."""
     run = train_run(tmp_path, tiny_model_dirs[("llama", False)], "frozen", "training.batch_size=2")
-    real_logprobs = trainer_module.batch_logprobs
-    monkeypatch.setattr(trainer_module, "batch_logprobs", lambda *args: mx.stop_gradient(real_logprobs(*args)))
+    real_logprobs = trainer_module.batch_token_logprobs
+    monkeypatch.setattr(trainer_module, "batch_token_logprobs", lambda *args: mx.stop_gradient(real_logprobs(*args)))
     with pytest.raises(UserError, match="the first gradient is zero"):
         run_stages(run, ["train"])
 
@@ -335,7 +335,7 @@ def test_the_step_has_the_log_probs_and_gradients_of_the_plain_formula(arch, sha
         return (logps.squeeze(-1) * mask).sum(axis=-1).reshape(2, -1).T
 
     def step_logprobs(model):
-        return trainer_module.batch_logprobs(model, batch, shared_prompts)[pairs]
+        return trainer_module.batch_token_logprobs(model, batch, shared_prompts).sum(axis=-1)[pairs]
 
     expected = nn.value_and_grad(model, lambda model: (plain(model) * weights).sum())(model)
     with trainer_module.lean_swiglu(model):
@@ -420,9 +420,10 @@ def test_learning_rate_warms_up_then_follows_the_scheduler_type(kind):
 
 def test_length_desensitized_weights_are_trl_s_shared_and_tail_tokens():
     mask = mx.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=mx.float32)
-    # Pairs (row 0, row 2) and (row 1, row 3): shared lengths 2 and 2.
-    weights = trainer_module.length_desensitized(mask, 2, 0.25)
-    assert weights.tolist() == [[1, 1, 0.25, 0.25, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0.25, 0.25]]
+    # Pairs (row 0, row 2) and (row 1, row 3): shared lengths 2 and 2; and row 0 against row 1: 2 again.
+    weights = trainer_module.length_desensitized(mask[mx.array([[0, 2], [1, 3], [0, 1]])], 0.25)
+    assert weights.tolist() == [[[1, 1, 0.25, 0.25, 0], [0, 1, 1, 0, 0]], [[1, 1, 0, 0, 0], [0, 1, 1, 0.25, 0.25]],
+                                [[1, 1, 0.25, 0.25, 0], [1, 1, 0, 0, 0]]]
 
 
 def ld_trainer(alpha, nll_weight=0.0, dpop_lambda=0.0):
@@ -446,6 +447,23 @@ def test_length_desensitization_reweights_policy_and_reference_alike():
     # alpha 1 is plain DPO.
     same, _ = ld_trainer(1.0)
     assert [e.ref_chosen for e in same.train_examples] == pytest.approx([e.ref_chosen for e in examples[:6]], abs=1e-4)
+
+
+def test_length_desensitized_pairs_share_their_chosen_answer_row_and_keep_their_own_weights():
+    model, tokenizer = tiny_model("llama", quantized=False)
+    pairs = [Pair(f"{context} {question}", chosen, negative)
+             for question, context, chosen, rejected in PAIRS[:3] for negative in (rejected, context)]
+    examples = trainer_module.build_examples(pairs, model, tokenizer, max_seq_length=256)
+    batch, rows, _, _, _ = trainer_module.collate(examples, list(range(6)), 0, shared_prompts=True)
+    assert rows[0::2, 0].tolist() == rows[1::2, 0].tolist()  # a prompt's two pairs run its chosen answer once
+    tokens = trainer_module.batch_token_logprobs(model, batch, shared_prompts=True)
+    together = trainer_module.pair_sums(tokens, batch[-1], rows, 0.5)[1]  # (6, 2)
+    for n in range(6):
+        batch, rows, _, _, _ = trainer_module.collate(examples, [n], 0, shared_prompts=True)
+        tokens = trainer_module.batch_token_logprobs(model, batch, shared_prompts=True)
+        alone = trainer_module.pair_sums(tokens, batch[-1], rows, 0.5)[1]
+        assert together[n].tolist() == pytest.approx(alone[0].tolist(), abs=1e-4)
+    assert abs(together[0, 0] - together[1, 0]).item() > 1e-3  # the public parts differ: one row, two weightings
 
 
 def test_length_desensitized_references_come_from_the_stored_public_parts_as_from_scoring_again():
@@ -499,7 +517,7 @@ def test_infonce_takes_each_prompt_chosen_answer_against_all_its_negatives_at_on
     batch, answer_rows, group, refs, _ = trainer_module.collate(examples, indices, trainer.pad_id,
                                                                 trainer.shared_prompts)
     _, metrics = trainer._loss(model.eval(), batch, answer_rows, group, refs)
-    logps = trainer_module.batch_logprobs(model, batch, trainer.shared_prompts)[answer_rows].tolist()
+    logps = trainer_module.batch_token_logprobs(model, batch, trainer.shared_prompts).sum(axis=-1)[answer_rows].tolist()
     by_prompt = {}
     for (chosen, rejected), e in zip(logps, examples):
         rewards = by_prompt.setdefault(e.prompt_id, [training.beta * (chosen - e.ref_chosen)])
