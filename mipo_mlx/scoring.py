@@ -224,13 +224,21 @@ def score_pairs(model, tokenizer, items: list[tuple[list[dict], str, str]]
         rows = mx.array(index)  # (B, 2) each pair's answer rows
         with host_swiglu(model):
             tokens = pair_token_logprobs(model, *arrays) * mask  # (A, L)
-            public = mx.arange(mask.shape[1])[None] < mask.sum(axis=1)[rows].min(axis=1)[:, None]  # (B, L)
-            values, public_values = tokens.sum(axis=-1), (tokens[rows] * public[:, None]).sum(axis=-1)  # (A,), (B, 2)
+            public_values = (tokens[rows] * length_desensitized(mask[rows], 0.0)).sum(axis=-1)  # (B, 2)
+            values = tokens.sum(axis=-1)  # (A,)
             mx.eval(values, public_values)
         values = values.tolist()
         logps += [(values[c], values[r]) for c, r in index.tolist()]
         publics += [tuple(pair) for pair in public_values.tolist()]
     return logps, publics, counts
+
+
+def length_desensitized(masks: mx.array, alpha: float) -> mx.array:
+    """TRL's ld_alpha weights of pairs' (chosen, rejected) answer masks (B, 2, W): 1 on a pair's first min(chosen,
+    rejected) answer tokens (its public part), alpha after them (0: the public part alone)."""
+    public = masks.sum(axis=-1).min(axis=1)  # (B,)
+    position = mx.cumsum(masks, axis=-1)  # 1 at each answer's first token
+    return masks * mx.where(position <= public[:, None, None], 1.0, alpha)
 
 
 def shares_prompts(model) -> bool:

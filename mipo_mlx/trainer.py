@@ -111,8 +111,8 @@ from mipo_mlx.rundir import (
     no_checkpoint_left, read_checkpoint_state, read_pairs, set_aside, usable_checkpoint, write_checkpoint_state,
 )
 from mipo_mlx.scoring import (
-    PAD_MULTIPLE, SCORING_ROWS, pad_batch, pad_pairs, pair_rows, pair_token_logprobs, score_answers, shares_prompts,
-    token_logprobs,
+    PAD_MULTIPLE, SCORING_ROWS, length_desensitized, pad_batch, pad_pairs, pair_rows, pair_token_logprobs,
+    score_answers, shares_prompts, token_logprobs,
 )
 from mipo_mlx.seeds import derived_seed
 from mipo_mlx.swiglu import lean_swiglu
@@ -172,10 +172,10 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
             continue  # the prompt alone fills the context: nothing to score
         prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
         # Cut answers have other public parts than the stored ones.
-        whole = max(len(chosen[0]), len(rejected[0])) <= max_seq_length
+        uncut = max(len(chosen[0]), len(rejected[0])) <= max_seq_length
         examples.append(Example(
             str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            ref_chosen, ref_rejected, context_of(messages), pair.ref_public_logps if whole else None,
+            ref_chosen, ref_rejected, context_of(messages), pair.ref_public_logps if uncut else None,
         ))
     return examples
 
@@ -285,14 +285,6 @@ def schedule(training, total_steps: int):
         return after
     # Warm-up starts above zero so that the first update is a real one (and checkable).
     return optim.join_schedules([optim.linear_schedule(peak / (warmup + 1), peak, warmup), after], [warmup])
-
-
-def length_desensitized(masks: mx.array, alpha: float) -> mx.array:
-    """TRL's ld_alpha weights of pairs' (chosen, rejected) answer masks (B, 2, W): 1 on a pair's first min(chosen,
-    rejected) answer tokens (its public part), alpha after them."""
-    public = masks.sum(axis=-1).min(axis=1)  # (B,)
-    position = mx.cumsum(masks, axis=-1)  # 1 at each answer's first token
-    return masks * mx.where(position <= public[:, None, None], 1.0, alpha)
 
 
 @contextlib.contextmanager

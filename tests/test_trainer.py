@@ -33,7 +33,7 @@ from mipo_mlx.lora import apply_lora
 from mipo_mlx.pipeline import run_stages
 from mipo_mlx.recipe import LoraConfig, TrainingConfig, parse_recipe
 from mipo_mlx.rundir import MipoRecord, Pair, is_held_out, open_run, read_checkpoint_state, write_checkpoint_state
-from mipo_mlx.scoring import answer_logprobs, pad_batch, score_pairs
+from mipo_mlx.scoring import answer_logprobs, length_desensitized, pad_batch, score_pairs
 
 PAIRS = [
     ("What should I cook tonight?", "I live in Paris.", "Une soupe à l'oignon.", "A burger."),
@@ -421,7 +421,7 @@ def test_learning_rate_warms_up_then_follows_the_scheduler_type(kind):
 def test_length_desensitized_weights_are_trl_s_shared_and_tail_tokens():
     mask = mx.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=mx.float32)
     # Pairs (row 0, row 2) and (row 1, row 3): shared lengths 2 and 2; and row 0 against row 1: 2 again.
-    weights = trainer_module.length_desensitized(mask[mx.array([[0, 2], [1, 3], [0, 1]])], 0.25)
+    weights = length_desensitized(mask[mx.array([[0, 2], [1, 3], [0, 1]])], 0.25)
     assert weights.tolist() == [[[1, 1, 0.25, 0.25, 0], [0, 1, 1, 0, 0]], [[1, 1, 0, 0, 0], [0, 1, 1, 0.25, 0.25]],
                                 [[1, 1, 0.25, 0.25, 0], [1, 1, 0, 0, 0]]]
 
