@@ -10,7 +10,9 @@ Trainer is the step and its state alone; run_stage and fit add the run directory
 reports in its event log, the checkpoints, the final adapter).
 
 Reference log-probs come from the pairs file (stored at sampling time); pairs without
-them (e.g. a TRL data set) are scored once before training with the adapter off. Each
+them (e.g. a TRL data set) are scored once before training with the adapter off, and
+answers cut at training.max_seq_length, whose stored log-probs cover tokens the policy
+never sees, once by the model as training starts (Trainer.references). Each
 step runs each pair's prompt through the model once and its chosen and rejected answers
 after it in one concatenated forward (2B rows; whole sequences instead where
 scoring.shares_prompts rules it out or with gradient checkpointing), scores answer tokens
@@ -24,7 +26,7 @@ chosen answers (training.nll_weight, TRL's "sft" loss) and TRL's length desensit
 (training.ld_alpha: answer tokens past the shorter answer of a pair count with weight
 alpha, in the policy's and in the reference's log-probs; TRL weighs the policy's alone, so
 its loss does not start at ln 2. The weighted reference comes from the pairs file's whole
-and public log-probs, or for pairs without the latter is scored once here by the model as
+and public log-probs, or for pairs without the latter is scored once by the model as
 training starts: the base, or in a later round the previous round's model).
 
 Held-out evidence (fit): every training.eval_every steps (and at the last step, which takes
@@ -133,8 +135,8 @@ class Example:
     prompt_id: str
     chosen: tuple[list[int], int]  # token ids and where the answer starts
     rejected: tuple[list[int], int]
-    ref_chosen: float
-    ref_rejected: float
+    ref_chosen: float | None  # None: not known for these tokens (an answer cut at max_seq_length): Trainer.references
+    ref_rejected: float | None
     context: str = ""  # the prompt's system messages: what the training probe checks its answers copy
     ref_public: tuple[float, float] | None = None  # reference log-probs of the pair's public parts (chosen, rejected)
 
@@ -153,9 +155,19 @@ class Example:
 
 
 def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> list[Example]:
-    """Token ids of both answers (chat.encode_answer) and their reference log-probs."""
-    refs = [pair.ref_logps for pair in pairs]
-    missing = [n for n, ref in enumerate(refs) if ref is None]
+    """Token ids of both answers (chat.encode_answer) and their reference log-probs: the stored ones, or for pairs
+    without them scored here with the adapter off (the base model); None where an answer is cut at max_seq_length,
+    as its log-probs must cover the tokens the policy sees (Trainer.references scores those)."""
+    encoded = []  # (pair index, messages, chosen, rejected, uncut)
+    for n, pair in enumerate(pairs):
+        messages = pair.prompt_messages()
+        chosen = encode_answer(tokenizer, messages, pair.chosen_text)
+        rejected = encode_answer(tokenizer, messages, pair.rejected_text)
+        if max(chosen[1], rejected[1]) >= max_seq_length:
+            continue  # the prompt alone fills the context: nothing to score
+        encoded.append((n, messages, chosen, rejected, max(len(chosen[0]), len(rejected[0])) <= max_seq_length))
+    refs = {n: pairs[n].ref_logps for n, *_, uncut in encoded if uncut}
+    missing = [n for n, ref in refs.items() if ref is None]
     if missing:
         # Pairs from elsewhere: score them once, with the adapter off (the base model).
         items = [(pairs[n].prompt_messages(), text) for n in missing for text in (pairs[n].chosen_text, pairs[n].rejected_text)]
@@ -164,18 +176,12 @@ def build_examples(pairs: list[Pair], model, tokenizer, max_seq_length: int) -> 
         for i, n in enumerate(missing):
             refs[n] = (logps[2 * i], logps[2 * i + 1])
     examples = []
-    for n, (pair, (ref_chosen, ref_rejected)) in enumerate(zip(pairs, refs)):
-        messages = pair.prompt_messages()
-        chosen = encode_answer(tokenizer, messages, pair.chosen_text)
-        rejected = encode_answer(tokenizer, messages, pair.rejected_text)
-        if max(chosen[1], rejected[1]) >= max_seq_length:
-            continue  # the prompt alone fills the context: nothing to score
+    for n, messages, chosen, rejected, uncut in encoded:
+        pair = pairs[n]
         prompt_id = pair.mipo.prompt_id if pair.mipo and pair.mipo.prompt_id is not None else n
-        # Cut answers have other public parts than the stored ones.
-        uncut = max(len(chosen[0]), len(rejected[0])) <= max_seq_length
         examples.append(Example(
             str(prompt_id), (chosen[0][:max_seq_length], chosen[1]), (rejected[0][:max_seq_length], rejected[1]),
-            ref_chosen, ref_rejected, context_of(messages), pair.ref_public_logps if uncut else None,
+            *refs.get(n, (None, None)), context_of(messages), pair.ref_public_logps if uncut else None,
         ))
     return examples
 
@@ -211,7 +217,8 @@ def make_batches(examples: list[Example], batch_size: int, whole_groups: bool) -
 
 def collate(examples: list[Example], indices: list[int], pad_id: int, shared_prompts: bool):
     """A batch as batch_token_logprobs takes it, the rows of each pair's (chosen, rejected) answers (B, 2), each pair's
-    prompt_groups number (B,), refs (B, 2), real tokens (an int: both whole sequences of every pair).
+    prompt_groups number (B,), refs (B, 2; NaN where Trainer.references has yet to score them), real tokens (an int:
+    both whole sequences of every pair).
 
     shared_prompts: pad_pairs' arrays, each distinct prompt and answer once (pair_rows).
     Otherwise whole sequences, tokens (2B, T) and a mask (2B, W) over the last W targets, from
@@ -219,7 +226,8 @@ def collate(examples: list[Example], indices: list[int], pad_id: int, shared_pro
     head skips the prompt before it.
     """
     rows = [examples[i].chosen for i in indices] + [examples[i].rejected for i in indices]
-    refs = mx.array([[examples[i].ref_chosen, examples[i].ref_rejected] for i in indices], dtype=mx.float32)  # (B, 2)
+    refs = mx.array([[math.nan if ref is None else ref for ref in (examples[i].ref_chosen, examples[i].ref_rejected)]
+                     for i in indices], dtype=mx.float32)  # (B, 2)
     real_tokens = sum(len(ids) for ids, _ in rows)
     pairs = np.stack([np.arange(len(indices)), len(indices) + np.arange(len(indices))], axis=1)  # (B, 2)
     numbers = {}
@@ -326,21 +334,24 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0  # optimizer steps done; data cursor
         self.best = None  # the selected evaluation so far: {"step", "value", "excess_loops"} (fit)
         self.stopped_early = False
-        if training.ld_alpha is not None:
-            self.train_examples, self.held_out = self.length_desensitized_references(train, held_out)
+        self.train_examples, self.held_out = self.references(train, held_out)
         self._compile()
 
-    def length_desensitized_references(self, *splits: list[Example]) -> list[list[Example]]:
-        """The splits with reference log-probs weighted as the policy's will be: from the stored whole and public
-        log-probs (public + alpha * (whole - public)) where every pair has them, else scored once by the model as it
-        is before the first step, the reference (a new adapter is zero; a later round's starts as the previous
-        round's)."""
+    def references(self, *splits: list[Example]) -> list[list[Example]]:
+        """The splits with reference log-probs summed as the policy's will be: the stored ones (with training.ld_alpha
+        weighted from the stored whole and public parts: public + alpha * (whole - public)), and where they are not
+        known for these tokens (answers cut at max_seq_length; with ld_alpha, pairs stored without public parts)
+        scored once by the model as it is before the first step, the reference (a new adapter is zero; a later
+        round's starts as the previous round's)."""
         alpha = self.training.ld_alpha
-        if all(e.ref_public for examples in splits for e in examples):
-            return [[dataclasses.replace(e, ref_chosen=alpha * e.ref_chosen + (1 - alpha) * e.ref_public[0],
-                                         ref_rejected=alpha * e.ref_rejected + (1 - alpha) * e.ref_public[1])
-                     for e in examples] for examples in splits]
-        weighted = []
+
+        def stored(e: Example) -> tuple[float, float] | None:
+            if e.ref_chosen is None or (alpha is not None and e.ref_public is None):
+                return None
+            if alpha is None:
+                return e.ref_chosen, e.ref_rejected
+            return (alpha * e.ref_chosen + (1 - alpha) * e.ref_public[0],
+                    alpha * e.ref_rejected + (1 - alpha) * e.ref_public[1])
 
         def scored(indices: list[int], examples: list[Example]) -> list[list[float]]:
             refs = []
@@ -351,13 +362,18 @@ class Trainer:
                 refs += pair_sums(tokens, batch[-1], pairs, alpha)[1].tolist()
             return refs
 
-        self.model.eval()
+        referenced = []
         for examples in splits:
-            # Whole batches go round the ranks: each batch is scored as one process scores it.
-            refs = distributed.split_work(list(range(len(examples))), partial(scored, examples=examples),
-                                          self.training.batch_size)
-            weighted.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
-        return weighted
+            refs = [stored(e) for e in examples]
+            unknown = [i for i, ref in enumerate(refs) if ref is None]  # the same on every rank
+            if unknown:
+                self.model.eval()
+                # Whole batches go round the ranks: each batch is scored as one process scores it.
+                scores = distributed.split_work(unknown, partial(scored, examples=examples), self.training.batch_size)
+                for i, ref in zip(unknown, scores):
+                    refs[i] = ref
+            referenced.append([dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, (c, r) in zip(examples, refs)])
+        return referenced
 
     def _compile(self):
         # Dropout draws from the random state inside the gradient step; the update does not.

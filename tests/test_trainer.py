@@ -759,3 +759,29 @@ def test_held_out_evaluations_come_every_eval_every_steps_and_at_the_last_not_tw
         run_stages(run, ["train"])
         events, _ = read_events(run.dir / "events.jsonl")
         assert [e["step"] for e in events if e["event"] == "metrics" and e["split"] == "eval"] == expected
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_answers_cut_at_max_seq_length_train_from_policy_equal_to_reference(tmp_path, tiny_model_dirs, ld_alpha):
+    """Stored reference log-probs cover whole answers; past training.max_seq_length the policy sees part of one."""
+    model_dir = tiny_model_dirs[("llama", False)]
+    loaded = load_recipe_model(parse_recipe(f"model: {{path: {model_dir}}}\n", "r.yaml", []).model)
+    plain = [Pair([{"role": "system", "content": context}, {"role": "user", "content": question}],
+                  [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}])
+             for question, context, chosen, rejected in PAIRS]
+    logps, publics, _ = score_pairs(loaded.model, loaded.tokenizer,
+                                    [(p.prompt_messages(), p.chosen_text, p.rejected_text) for p in plain])
+    encoded = [[encode_answer(loaded.tokenizer, p.prompt_messages(), text) for text in (p.chosen_text, p.rejected_text)]
+               for p in plain]
+    cut_at = max(start for pair in encoded for _, start in pair) + 2  # every prompt fits, some answers do not
+    assert sum(len(ids) > cut_at for pair in encoded for ids, _ in pair) >= 4
+    alpha = "null" if ld_alpha is None else ld_alpha
+    run = train_run(tmp_path, model_dir, f"cut-{alpha}", "training.batch_size=4", "training.max_steps=1",
+                    f"training.max_seq_length={cut_at}", f"training.ld_alpha={alpha}")
+    lines = [json.loads(line) for line in (run.dir / "pairs.jsonl").read_text().splitlines()]
+    for i, (line, (c, r), (pc, pr)) in enumerate(zip(lines, logps, publics)):
+        line["mipo"] = {"id": f"p{i}#0", "prompt_id": f"p{i}",
+                        "ref_logps": {"chosen": c, "rejected": r, "chosen_public": pc, "rejected_public": pr}}
+    (run.dir / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_stages(run, ["train"])  # the first-step check holds: the cut answers' references are the cut answers'
+    assert losses_of(run)[1] == pytest.approx(math.log(2), abs=1e-4)
