@@ -10,8 +10,9 @@
 Only answer tokens count (the mask is aligned with the targets, padding never scores).
 score_answers (the reference pass of pairs without one before training, compare's rewards)
 runs the vocabulary head on the answer positions only (window_logprobs); token_logprobs
-scores whole sequences for the trainer, and answer_logprobs sums them for export's checks. score_pairs (the reference pass
-at sampling time) and the DPO step score pairs with pair_token_logprobs where the model allows it:
+scores whole sequences for the trainer, and answer_logprobs sums them for export's checks.
+score_pairs (the reference pass at sampling time) and the DPO step score pairs with
+pair_token_logprobs where the model allows it:
 each distinct prompt runs once for all its answers and each distinct answer once for all its
 pairs (pair_rows: a prompt's k negatives, an echo pair beside its prompt's own pair), a
 prompt's answers one after another in one row after it (pad_pairs), the same log-probs up to
